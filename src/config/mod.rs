@@ -1,0 +1,349 @@
+//! The service configuration: `ingestion.toml` plus one TOML file per user.
+//!
+//! Two phases, as in vector and ripgrep: serde reads raw structs (`deny_unknown_fields`, spans kept),
+//! then validation turns them into the typed [`Config`] and [`Users`] or a list of every [`Problem`]
+//! with file, line, field and a fix. This module reads files but never creates, opens stores or
+//! listens: building running things from a `Config` is the job of `storage`, `state` and `sftp`.
+
+mod problem;
+mod user;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::storage::Location;
+pub use problem::{FileReporter, Problem, Problems};
+pub use user::{Egress, User, Users, canonical_ip};
+
+/// The validated service configuration.
+///
+/// # Defaults
+/// `server.listen` 0.0.0.0:2222, `server.host_key_dir` state/host_keys, `server.max_file_size` 5 GiB,
+/// `server.audit_log` state/audit.jsonl, `state.database` sqlite://state/ingestion.db, `users.dir` users.
+/// Relative paths are relative to the folder holding the configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The configuration file this was read from.
+    pub file: PathBuf,
+    pub server: Server,
+    pub buckets: Buckets,
+    pub state: State,
+    /// The folder holding one TOML file per user.
+    pub users_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub host_key_dir: PathBuf,
+    /// Largest accepted upload in bytes, enforced while bytes arrive.
+    pub max_file_size: u64,
+    /// JSON-lines audit file.
+    pub audit_log: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    pub landing: Location,
+    pub quarantine: Location,
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    pub database: Database,
+}
+
+/// Which database holds jobs and directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite { path: PathBuf },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    buckets: RawBuckets,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    users: RawUsers,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    /// Address and port the SFTP listener binds to.
+    listen: Option<Spanned<String>>,
+    /// Folder holding the Ed25519 host key (generated on first start, mode 0600).
+    host_key_dir: Option<String>,
+    /// Human size such as "5 GiB"; uploads beyond it fail while bytes arrive.
+    max_file_size: Option<Spanned<String>>,
+    /// JSON-lines audit file.
+    audit_log: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuckets {
+    /// Where uploads land, one home folder per user.
+    landing: Spanned<String>,
+    /// Where infected and unscannable files go; nobody can read it.
+    quarantine: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    /// `sqlite://PATH` (relative to the config file).
+    database: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUsers {
+    /// Folder of user files, relative to the config file.
+    dir: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates the configuration file and every user file, reporting all problems at once.
+    pub fn load(file: &Path) -> Result<(Config, Users), Problems> {
+        let text = std::fs::read_to_string(file).map_err(|error| {
+            let mut problems = Problems::default();
+            problems.file(
+                file,
+                format!("cannot read the configuration file: {error}; pass its path with --config"),
+            );
+            problems
+        })?;
+        let config = Config::parse(file, &text)?;
+        let users = Users::load_dir(&config.users_dir)?;
+        Ok((config, users))
+    }
+
+    /// Validates the text of a configuration file (no I/O).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, Problems> {
+        let mut report = FileReporter::new(file, text);
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(error) => {
+                report.toml(&error);
+                return Err(report.finish());
+            }
+        };
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+
+        let listen = match &raw.server.listen {
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 2222))),
+            Some(listen) => match listen.get_ref().parse::<SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    report.at(
+                        Some(listen.span()),
+                        "server.listen",
+                        format!(
+                            "`{}` is not an address:port; write e.g. \"0.0.0.0:2222\"",
+                            listen.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let max_file_size = match &raw.server.max_file_size {
+            None => Some(5 * 1024 * 1024 * 1024),
+            Some(size) => match parse_size(size.get_ref()) {
+                Ok(bytes) => Some(bytes),
+                Err(message) => {
+                    report.at(Some(size.span()), "server.max_file_size", message);
+                    None
+                }
+            },
+        };
+        let mut location =
+            |field: &str, value: &Spanned<String>| match Location::parse(value.get_ref(), &base) {
+                Ok(location) => Some(location),
+                Err(message) => {
+                    report.at(Some(value.span()), field, message);
+                    None
+                }
+            };
+        let landing = location("buckets.landing", &raw.buckets.landing);
+        let quarantine = location("buckets.quarantine", &raw.buckets.quarantine);
+        if landing.is_some() && landing == quarantine {
+            report.at(
+                Some(raw.buckets.quarantine.span()),
+                "buckets.quarantine",
+                "the quarantine must not be the landing bucket; give it its own bucket or folder",
+            );
+        }
+        let database = match &raw.state.database {
+            None => Some(Database::Sqlite {
+                path: base.join("state/ingestion.db"),
+            }),
+            Some(url) => match parse_database(url.get_ref(), &base) {
+                Ok(database) => Some(database),
+                Err(message) => {
+                    report.at(Some(url.span()), "state.database", message);
+                    None
+                }
+            },
+        };
+
+        let problems = report.finish();
+        match (listen, max_file_size, landing, quarantine, database) {
+            (
+                Some(listen),
+                Some(max_file_size),
+                Some(landing),
+                Some(quarantine),
+                Some(database),
+            ) if problems.is_empty() => {
+                let relative = |value: &Option<String>, default: &str| {
+                    base.join(value.as_deref().unwrap_or(default))
+                };
+                Ok(Config {
+                    file: file.to_path_buf(),
+                    server: Server {
+                        listen,
+                        host_key_dir: relative(&raw.server.host_key_dir, "state/host_keys"),
+                        max_file_size,
+                        audit_log: relative(&raw.server.audit_log, "state/audit.jsonl"),
+                    },
+                    buckets: Buckets {
+                        landing,
+                        quarantine,
+                    },
+                    state: State { database },
+                    users_dir: relative(&raw.users.dir, "users"),
+                })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+/// Parses a human size ("5 GiB", "200MiB", "1000000") into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; write e.g. \"5 GiB\" or \"500 MB\""))?;
+    if size.as_u64() == 0 {
+        return Err("a size of zero would refuse every upload; write e.g. \"5 GiB\"".into());
+    }
+    Ok(size.as_u64())
+}
+
+fn parse_database(url: &str, base: &Path) -> Result<Database, String> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        if path.is_empty() {
+            return Err("`sqlite://` needs a file path, e.g. sqlite://state/ingestion.db".into());
+        }
+        return Ok(Database::Sqlite {
+            path: base.join(path),
+        });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(
+            "PostgreSQL state is not available in this version yet; use sqlite://PATH".into(),
+        );
+    }
+    Err(format!(
+        "`{url}` is not a database URL; write sqlite://state/ingestion.db"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[buckets]
+landing = "file:///srv/landing"
+quarantine = "file:///srv/quarantine"
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = Config::parse(Path::new("/etc/ingestion/ingestion.toml"), MINIMAL).unwrap();
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:2222");
+        assert_eq!(config.server.max_file_size, 5 << 30);
+        assert_eq!(
+            config.server.host_key_dir,
+            PathBuf::from("/etc/ingestion/state/host_keys")
+        );
+        assert_eq!(config.users_dir, PathBuf::from("/etc/ingestion/users"));
+        assert_eq!(
+            config.state.database,
+            Database::Sqlite {
+                path: "/etc/ingestion/state/ingestion.db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_line_and_field() {
+        let text = r#"[server]
+listen = "nowhere"
+max_file_size = "lots"
+[buckets]
+landing = "gs://x"
+quarantine = "s3://ok-bucket"
+[state]
+database = "mysql://x"
+"#;
+        let problems = Config::parse(Path::new("ingestion.toml"), text).unwrap_err();
+        let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "server.listen",
+                "server.max_file_size",
+                "buckets.landing",
+                "state.database"
+            ]
+        );
+        assert_eq!(problems.0[0].position, Some((2, 10)));
+        assert!(problems.to_string().contains("ingestion.toml:3:17"));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_place() {
+        let text = format!("{MINIMAL}\n[server]\nlisten_port = 22\n");
+        let problems = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!(problems.0.len(), 1);
+        assert!(problems.0[0].message.contains("listen_port"), "{problems}");
+        assert!(problems.0[0].position.is_some());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5 GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("five").is_err());
+    }
+
+    #[test]
+    fn quarantine_must_differ_from_landing() {
+        let text = "[buckets]\nlanding = \"/srv/a\"\nquarantine = \"/srv/a\"\n";
+        let problems = Config::parse(Path::new("c.toml"), text).unwrap_err();
+        assert_eq!(problems.0[0].field, "buckets.quarantine");
+    }
+}

@@ -1,0 +1,598 @@
+//! What one logged-in user sees: their home in the landing bucket and, for egress users, `/upload`
+//! (the home) and `/download` (their egress area, read-only).
+//!
+//! Owns the permission rules (upload-only home, read-only download, nothing outside) and the mapping
+//! from a normalised [`VirtualPath`] to a storage key. Folders are kept in the state database since
+//! object stores have none. It never decides where a file is delivered, and never parses raw peer
+//! paths: it only takes what `paths::normalise` produced.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStoreExt};
+use russh_sftp::protocol::{File, FileAttributes, OpenFlags, StatusCode};
+
+use super::paths::{PathError, VirtualPath};
+use crate::config::User;
+use crate::state::{State, StateError};
+use crate::storage::{Bucket, Download, Upload};
+
+/// Most entries one directory listing may return.
+pub const MAX_LISTING: usize = 100_000;
+
+const UPLOAD_DIR: &str = "upload";
+const DOWNLOAD_DIR: &str = "download";
+
+/// An SFTP status with the message the client is shown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftpError {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl SftpError {
+    pub fn new(code: StatusCode, message: impl Into<String>) -> SftpError {
+        SftpError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn denied(message: impl Into<String>) -> SftpError {
+        SftpError::new(StatusCode::PermissionDenied, message)
+    }
+
+    pub fn not_found(path: &VirtualPath) -> SftpError {
+        SftpError::new(
+            StatusCode::NoSuchFile,
+            format!("{path}: no such file or folder"),
+        )
+    }
+
+    pub fn failure(message: impl Into<String>) -> SftpError {
+        SftpError::new(StatusCode::Failure, message)
+    }
+}
+
+impl From<PathError> for SftpError {
+    fn from(error: PathError) -> SftpError {
+        match error {
+            PathError::Escapes => SftpError::denied(error.to_string()),
+            PathError::ControlCharacter | PathError::TooLong => {
+                SftpError::failure(error.to_string())
+            }
+        }
+    }
+}
+
+impl From<StateError> for SftpError {
+    fn from(error: StateError) -> SftpError {
+        tracing::error!(%error, "state database error during an SFTP request");
+        SftpError::failure("the server could not record this; try again later")
+    }
+}
+
+impl From<object_store::Error> for SftpError {
+    fn from(error: object_store::Error) -> SftpError {
+        tracing::error!(%error, "storage error during an SFTP request");
+        SftpError::failure("the storage is unavailable; try again later")
+    }
+}
+
+/// Where a path of the user's view lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Area {
+    /// The virtual root of an egress user, holding `/upload` and `/download`.
+    Root,
+    /// A path inside the home (landing), relative to the home.
+    Home(VirtualPath),
+    /// A path inside the egress area, relative to it.
+    Download(VirtualPath),
+}
+
+/// A file or folder found by `stat`.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Folder,
+    File { size: u64, modified: u32 },
+}
+
+/// An opened file.
+pub enum Opened {
+    Upload(Box<Upload>),
+    Download(Download),
+}
+
+/// One user's view of the buckets.
+pub struct UserView {
+    user: Arc<User>,
+    landing: Bucket,
+    egress: Option<Bucket>,
+    state: State,
+    max_file_size: u64,
+}
+
+impl UserView {
+    pub fn new(
+        user: Arc<User>,
+        landing: Bucket,
+        egress: Option<Bucket>,
+        state: State,
+        max_file_size: u64,
+    ) -> UserView {
+        UserView {
+            user,
+            landing,
+            egress,
+            state,
+            max_file_size,
+        }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.user.username
+    }
+
+    fn area(&self, path: &VirtualPath) -> Result<Area, SftpError> {
+        if self.egress.is_none() {
+            return Ok(Area::Home(path.clone()));
+        }
+        if path.is_root() {
+            return Ok(Area::Root);
+        }
+        if let Some(rest) = path.strip_prefix(UPLOAD_DIR) {
+            return Ok(Area::Home(rest));
+        }
+        if let Some(rest) = path.strip_prefix(DOWNLOAD_DIR) {
+            return Ok(Area::Download(rest));
+        }
+        Err(SftpError::new(
+            StatusCode::NoSuchFile,
+            format!("{path}: only /upload and /download exist here"),
+        ))
+    }
+
+    /// The home path of a path that must be writable, or why not.
+    fn writable(&self, path: &VirtualPath) -> Result<VirtualPath, SftpError> {
+        match self.area(path)? {
+            Area::Home(home) if !home.is_root() => Ok(home),
+            Area::Home(_) | Area::Root => Err(SftpError::denied(format!(
+                "{path} cannot be changed; work inside your home{}",
+                if self.egress.is_some() {
+                    " (/upload)"
+                } else {
+                    ""
+                }
+            ))),
+            Area::Download(_) => Err(SftpError::denied(format!(
+                "{path}: /download is read-only; upload into /upload"
+            ))),
+        }
+    }
+
+    fn home_key(&self, home: &VirtualPath) -> ObjectPath {
+        let parts: Vec<&str> = std::iter::once(self.user.username.as_str())
+            .chain(home.parts().iter().map(String::as_str))
+            .collect();
+        self.landing.key(&parts)
+    }
+
+    fn download_bucket(&self) -> Result<&Bucket, SftpError> {
+        self.egress
+            .as_ref()
+            .ok_or_else(|| SftpError::denied("no download area is configured for you"))
+    }
+
+    /// Folder row key: (parent relative path, name).
+    fn folder_row(home: &VirtualPath) -> (String, String) {
+        (
+            home.parent().relative(),
+            home.name().unwrap_or_default().to_string(),
+        )
+    }
+
+    pub async fn stat(&self, path: &VirtualPath) -> Result<Entry, SftpError> {
+        match self.area(path)? {
+            Area::Root => Ok(Entry::Folder),
+            Area::Home(home) => {
+                self.stat_in(&self.landing, self.home_key(&home), Some(&home), path)
+                    .await
+            }
+            Area::Download(rest) => {
+                let bucket = self.download_bucket()?;
+                self.stat_in(bucket, bucket.key(rest.parts()), None, path)
+                    .await
+            }
+        }
+    }
+
+    async fn stat_in(
+        &self,
+        bucket: &Bucket,
+        key: ObjectPath,
+        home: Option<&VirtualPath>,
+        shown: &VirtualPath,
+    ) -> Result<Entry, SftpError> {
+        if home.is_some_and(VirtualPath::is_root)
+            || (home.is_none() && key_is_bucket_root(bucket, &key))
+        {
+            return Ok(Entry::Folder);
+        }
+        if let Some(home) = home {
+            let (parent, name) = Self::folder_row(home);
+            if self
+                .state
+                .folder_exists(&self.user.username, &parent, &name)
+                .await?
+            {
+                return Ok(Entry::Folder);
+            }
+        }
+        match bucket.store().head(&key).await {
+            Ok(meta) => return Ok(file_entry(&meta)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
+        let listing = match bucket.store().list_with_delimiter(Some(&key)).await {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Err(SftpError::not_found(shown)),
+            Err(error) => return Err(error.into()),
+        };
+        if listing.objects.is_empty() && listing.common_prefixes.is_empty() {
+            Err(SftpError::not_found(shown))
+        } else {
+            Ok(Entry::Folder)
+        }
+    }
+
+    async fn require_folder(&self, path: &VirtualPath) -> Result<(), SftpError> {
+        match self.stat(path).await {
+            Ok(Entry::Folder) => Ok(()),
+            Ok(Entry::File { .. }) => Err(SftpError::failure(format!(
+                "{path} is a file, not a folder"
+            ))),
+            Err(error) if error.code == StatusCode::NoSuchFile => Err(SftpError::new(
+                StatusCode::NoSuchFile,
+                format!("the folder {path} does not exist; create it first (mkdir)"),
+            )),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Lists a folder: files and folders directly inside it.
+    pub async fn list(&self, path: &VirtualPath) -> Result<Vec<File>, SftpError> {
+        let mut files = vec![
+            File::new(".", folder_attrs(true)),
+            File::new("..", folder_attrs(true)),
+        ];
+        match self.area(path)? {
+            Area::Root => {
+                files.push(File::new(UPLOAD_DIR, folder_attrs(true)));
+                files.push(File::new(DOWNLOAD_DIR, folder_attrs(false)));
+            }
+            Area::Home(home) => {
+                self.require_folder(path).await?;
+                let mut names = std::collections::BTreeSet::new();
+                for name in self
+                    .state
+                    .child_folders(&self.user.username, &home.relative())
+                    .await?
+                {
+                    names.insert(name.clone());
+                    files.push(File::new(name, folder_attrs(true)));
+                }
+                self.list_in(
+                    &self.landing,
+                    self.home_key(&home),
+                    true,
+                    &mut names,
+                    &mut files,
+                )
+                .await?;
+            }
+            Area::Download(rest) => {
+                self.require_folder(path).await?;
+                let bucket = self.download_bucket()?;
+                let mut names = std::collections::BTreeSet::new();
+                self.list_in(
+                    bucket,
+                    bucket.key(rest.parts()),
+                    false,
+                    &mut names,
+                    &mut files,
+                )
+                .await?;
+            }
+        }
+        if files.len() > MAX_LISTING {
+            return Err(SftpError::failure(format!(
+                "{path} holds more than {MAX_LISTING} entries, too many to list; use sub-folders"
+            )));
+        }
+        Ok(files)
+    }
+
+    async fn list_in(
+        &self,
+        bucket: &Bucket,
+        key: ObjectPath,
+        writable: bool,
+        names: &mut std::collections::BTreeSet<String>,
+        files: &mut Vec<File>,
+    ) -> Result<(), SftpError> {
+        let prefix = if key_is_bucket_root(bucket, &key) {
+            None
+        } else {
+            Some(&key)
+        };
+        let listing = match bucket.store().list_with_delimiter(prefix).await {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        for folder in listing.common_prefixes {
+            if let Some(name) = folder.filename()
+                && names.insert(name.to_string())
+            {
+                files.push(File::new(name, folder_attrs(writable)));
+            }
+            if files.len() > MAX_LISTING {
+                break;
+            }
+        }
+        for object in listing.objects {
+            if let Some(name) = object.location.filename()
+                && names.insert(name.to_string())
+            {
+                files.push(File::new(name, file_attrs(&file_entry(&object), writable)));
+            }
+            if files.len() > MAX_LISTING {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn mkdir(&self, path: &VirtualPath) -> Result<(), SftpError> {
+        let home = self.writable(path)?;
+        self.check_name(&home)?;
+        self.require_folder(&path.parent()).await?;
+        if self.stat(path).await.is_ok() {
+            return Err(SftpError::failure(format!("{path} already exists")));
+        }
+        let (parent, name) = Self::folder_row(&home);
+        self.state
+            .create_folder(&self.user.username, &parent, &name)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, path: &VirtualPath) -> Result<(), SftpError> {
+        let home = self.writable(path)?;
+        let (parent, name) = Self::folder_row(&home);
+        if !self
+            .state
+            .folder_exists(&self.user.username, &parent, &name)
+            .await?
+        {
+            return match self.stat(path).await? {
+                Entry::File { .. } => Err(SftpError::failure(format!("{path} is a file; use rm"))),
+                Entry::Folder => Err(SftpError::failure(format!("{path} is not empty"))),
+            };
+        }
+        if self.list(path).await?.len() > 2 {
+            return Err(SftpError::failure(format!("{path} is not empty")));
+        }
+        self.state
+            .remove_folder(&self.user.username, &parent, &name)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, path: &VirtualPath) -> Result<(), SftpError> {
+        let home = self.writable(path)?;
+        match self.stat(path).await? {
+            Entry::Folder => Err(SftpError::failure(format!("{path} is a folder; use rmdir"))),
+            Entry::File { .. } => {
+                self.landing.store().delete(&self.home_key(&home)).await?;
+                self.state
+                    .remove_landed(&self.user.username, &home.relative())
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Renames a file, or an empty folder. `overwrite` is POSIX rename (posix-rename@openssh.com).
+    pub async fn rename(
+        &self,
+        from: &VirtualPath,
+        to: &VirtualPath,
+        overwrite: bool,
+    ) -> Result<(), SftpError> {
+        let from_home = self.writable(from)?;
+        let to_home = self.writable(to)?;
+        self.check_name(&to_home)?;
+        if to.is_inside(from) {
+            return Err(SftpError::failure(format!(
+                "cannot move {from} inside itself"
+            )));
+        }
+        let entry = self.stat(from).await?;
+        self.require_folder(&to.parent()).await?;
+        match self.stat(to).await {
+            Ok(Entry::File { .. }) if overwrite && matches!(entry, Entry::File { .. }) => {}
+            Ok(_) => return Err(SftpError::failure(format!("{to} already exists"))),
+            Err(error) if error.code == StatusCode::NoSuchFile => {}
+            Err(error) => return Err(error),
+        }
+        match entry {
+            Entry::File { .. } => {
+                self.landing
+                    .store()
+                    .rename(&self.home_key(&from_home), &self.home_key(&to_home))
+                    .await?;
+                if overwrite {
+                    self.state
+                        .remove_landed(&self.user.username, &to_home.relative())
+                        .await?;
+                }
+            }
+            Entry::Folder => {
+                if self.list(from).await?.len() > 2 {
+                    return Err(SftpError::failure(format!(
+                        "{from} holds files; renaming a folder that is not empty is not supported, \
+                         rename the files instead"
+                    )));
+                }
+                let (from_parent, from_name) = Self::folder_row(&from_home);
+                let (to_parent, to_name) = Self::folder_row(&to_home);
+                self.state
+                    .rename_folder(
+                        &self.user.username,
+                        (&from_parent, &from_name),
+                        (&to_parent, &to_name),
+                    )
+                    .await?;
+            }
+        }
+        self.state
+            .rename_landed(
+                &self.user.username,
+                &from_home.relative(),
+                &to_home.relative(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Names a local folder cannot hold: object_store stages uploads as `name#<digits>`.
+    fn check_name(&self, home: &VirtualPath) -> Result<(), SftpError> {
+        let name = home.name().unwrap_or_default();
+        let reserved = name.rsplit_once('#').is_some_and(|(_, suffix)| {
+            !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+        });
+        if reserved {
+            return Err(SftpError::failure(format!(
+                "names ending in `#` and digits are reserved for uploads in progress; rename `{name}`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens a file: writing into the home (upload), or reading from `/download`.
+    pub async fn open(&self, path: &VirtualPath, flags: OpenFlags) -> Result<Opened, SftpError> {
+        let writing = flags.intersects(
+            OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+        );
+        let reading = flags.contains(OpenFlags::READ);
+        match self.area(path)? {
+            Area::Download(rest) => {
+                if writing {
+                    return Err(SftpError::denied(format!(
+                        "{path}: /download is read-only; upload into /upload"
+                    )));
+                }
+                let bucket = self.download_bucket()?;
+                match self.stat(path).await? {
+                    Entry::Folder => Err(SftpError::failure(format!("{path} is a folder"))),
+                    Entry::File { size, .. } => Ok(Opened::Download(
+                        bucket.download(bucket.key(rest.parts()), size),
+                    )),
+                }
+            }
+            Area::Home(_) | Area::Root if reading => Err(SftpError::denied(format!(
+                "{path}: uploaded files cannot be read back (this account is upload-only)"
+            ))),
+            Area::Home(_) | Area::Root if !writing => Err(SftpError::denied(format!(
+                "{path}: open the file for writing to upload it"
+            ))),
+            Area::Home(_) | Area::Root => {
+                let home = self.writable(path)?;
+                self.check_name(&home)?;
+                self.require_folder(&path.parent()).await?;
+                match self.stat(path).await {
+                    Ok(Entry::Folder) => {
+                        return Err(SftpError::failure(format!("{path} is a folder")));
+                    }
+                    Ok(Entry::File { .. }) if flags.contains(OpenFlags::EXCLUDE) => {
+                        return Err(SftpError::failure(format!("{path} already exists")));
+                    }
+                    Ok(Entry::File { .. }) if !flags.contains(OpenFlags::TRUNCATE) => {
+                        return Err(SftpError::new(
+                            StatusCode::OpUnsupported,
+                            format!(
+                                "{path} already exists and resuming uploads is not supported; \
+                                 upload the whole file again (put, not reput)"
+                            ),
+                        ));
+                    }
+                    Ok(Entry::File { .. }) => {}
+                    Err(error) if error.code == StatusCode::NoSuchFile => {}
+                    Err(error) => return Err(error),
+                }
+                Ok(Opened::Upload(Box::new(
+                    self.landing
+                        .upload(self.home_key(&home), self.max_file_size),
+                )))
+            }
+        }
+    }
+
+    /// The home-relative path of a path in the upload area (for job records).
+    pub fn home_relative(&self, path: &VirtualPath) -> String {
+        match self.area(path) {
+            Ok(Area::Home(home)) => home.relative(),
+            _ => path.relative(),
+        }
+    }
+}
+
+fn key_is_bucket_root(bucket: &Bucket, key: &ObjectPath) -> bool {
+    let empty: [&str; 0] = [];
+    *key == bucket.key(&empty)
+}
+
+fn file_entry(meta: &ObjectMeta) -> Entry {
+    Entry::File {
+        size: meta.size,
+        modified: u32::try_from(meta.last_modified.timestamp()).unwrap_or(0),
+    }
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+/// Folder attributes: `drwx------` where the user may write, `dr-x------` where not.
+pub fn folder_attrs(writable: bool) -> FileAttributes {
+    FileAttributes {
+        size: Some(0),
+        permissions: Some(if writable { 0o40700 } else { 0o40500 }),
+        atime: Some(unix_now()),
+        mtime: Some(unix_now()),
+        ..FileAttributes::empty()
+    }
+}
+
+/// File attributes: uploads show as write-only (`--w-------`), downloads as read-only.
+pub fn file_attrs(entry: &Entry, uploaded: bool) -> FileAttributes {
+    match entry {
+        Entry::Folder => folder_attrs(uploaded),
+        Entry::File { size, modified } => FileAttributes {
+            size: Some(*size),
+            permissions: Some(if uploaded { 0o100200 } else { 0o100400 }),
+            atime: Some(*modified),
+            mtime: Some(*modified),
+            ..FileAttributes::empty()
+        },
+    }
+}
+
+/// Whether `path` is inside the writable area (for attributes of `stat` results).
+pub fn in_download_area(view: &UserView, path: &VirtualPath) -> bool {
+    matches!(view.area(path), Ok(Area::Download(_)))
+}

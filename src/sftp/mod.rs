@@ -1,0 +1,13 @@
+//! The front door: SSH (russh) with public-key authentication and per-user IP allow-lists, and the
+//! SFTP subsystem that lands uploads in each user's home.
+//!
+//! Architecture invariants: `sftp` never decides where a file is delivered (it only records a job);
+//! every peer path passes through `paths::normalise` once, and storage keys are built only from its
+//! output; nothing but the `sftp` subsystem is served (no shell, no exec, no forwarding).
+
+pub mod fs;
+pub mod paths;
+mod server;
+mod session;
+
+pub use server::{FrontDoor, ssh_config};

@@ -1,0 +1,424 @@
+//! SSH: the listener, the algorithm policy, authentication, and handing the `sftp` subsystem to the
+//! protocol loop.
+//!
+//! Authentication is public key only; a key is accepted only for its user and only from that user's
+//! allowed networks (deny by default); SHA-1 RSA signatures are refused. Every decision is audited.
+//! Rejections take a constant time (russh's `auth_rejection_time`).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKey, PublicKey};
+use russh::server::{Auth, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, MethodKind, MethodSet, Preferred, cipher, compression, kex, mac};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::fs::UserView;
+use super::session::{self, SessionContext};
+use crate::audit::{Audit, Event, Subject};
+use crate::config::{User, Users};
+use crate::state::State;
+use crate::storage::Bucket;
+
+/// Key exchanges: post-quantum hybrid first, then classical curve25519 for libssh2 (curl) and
+/// rclone, which have nothing newer; the strict-kex markers (Terrapin) and ext-info.
+const KEX: &[kex::Name] = &[
+    kex::MLKEM768X25519_SHA256,
+    kex::CURVE25519,
+    kex::CURVE25519_PRE_RFC_8731,
+    kex::EXTENSION_SUPPORT_AS_SERVER,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+/// AEAD ciphers first; CTR (with ETM MACs preferred) for older clients. No CBC.
+const CIPHERS: &[cipher::Name] = &[
+    cipher::CHACHA20_POLY1305,
+    cipher::AES_256_GCM,
+    cipher::AES_128_GCM,
+    cipher::AES_256_CTR,
+    cipher::AES_192_CTR,
+    cipher::AES_128_CTR,
+];
+/// SHA-2 MACs only; non-ETM variants last, for libssh2 1.10 (curl on Debian 12).
+const MACS: &[mac::Name] = &[
+    mac::HMAC_SHA512_ETM,
+    mac::HMAC_SHA256_ETM,
+    mac::HMAC_SHA512,
+    mac::HMAC_SHA256,
+];
+/// Client key signature algorithms: no `ssh-rsa` (SHA-1).
+const KEY_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP256,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP384,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP521,
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha512),
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha256),
+    },
+];
+
+/// The russh server configuration: our host key, our algorithm policy, public keys only.
+pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(Cow::Borrowed("SSH-2.0-ingestion")),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(500),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 256,
+        max_auth_attempts: 6,
+        inactivity_timeout: Some(Duration::from_secs(600)),
+        keepalive_interval: Some(Duration::from_secs(60)),
+        nodelay: true,
+        preferred: Preferred {
+            kex: Cow::Borrowed(KEX),
+            key: Cow::Borrowed(KEY_ALGORITHMS),
+            host_key_certificates: Cow::Borrowed(&[]),
+            cipher: Cow::Borrowed(CIPHERS),
+            mac: Cow::Borrowed(MACS),
+            compression: Cow::Borrowed(&[compression::NONE]),
+        },
+        ..Default::default()
+    }
+}
+
+/// What every connection shares.
+pub struct FrontDoor {
+    users: RwLock<Arc<Users>>,
+    landing: Bucket,
+    state: State,
+    audit: Arc<Audit>,
+    max_file_size: u64,
+    ssh: Arc<russh::server::Config>,
+}
+
+impl FrontDoor {
+    pub fn new(
+        users: Users,
+        landing: Bucket,
+        state: State,
+        audit: Arc<Audit>,
+        max_file_size: u64,
+        ssh: russh::server::Config,
+    ) -> FrontDoor {
+        FrontDoor {
+            users: RwLock::new(Arc::new(users)),
+            landing,
+            state,
+            audit,
+            max_file_size,
+            ssh: Arc::new(ssh),
+        }
+    }
+
+    fn users(&self) -> Arc<Users> {
+        match self.users.read() {
+            Ok(users) => users.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, do not spin or die.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(self.clone().connection(socket, peer));
+        }
+    }
+
+    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr) {
+        let subject = Subject {
+            session: Some(session_id()),
+            ip: Some(crate::config::canonical_ip(peer.ip()).to_string()),
+            user: None,
+        };
+        self.audit
+            .record(&subject, Event::Connect { port: peer.port() });
+        let subject = Arc::new(Mutex::new(subject));
+        let handler = Connection {
+            door: self.clone(),
+            peer,
+            subject: subject.clone(),
+            user: None,
+            channels: HashMap::new(),
+        };
+        let result = match russh::server::run_stream(self.ssh.clone(), socket, handler).await {
+            Ok(running) => running.await,
+            Err(error) => Err(error),
+        };
+        let subject = subject.lock().map(|s| s.clone()).unwrap_or_default();
+        self.audit.record(
+            &subject,
+            Event::Disconnect {
+                error: result.err().map(|error| error.to_string()),
+            },
+        );
+    }
+}
+
+fn session_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    crate::storage::hex(&bytes)
+}
+
+/// One SSH connection.
+struct Connection {
+    door: Arc<FrontDoor>,
+    peer: SocketAddr,
+    subject: Arc<Mutex<Subject>>,
+    user: Option<Arc<User>>,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+}
+
+/// Why a key was refused, for the audit log.
+enum Refusal {
+    Ip(String),
+    Auth(String),
+}
+
+impl Connection {
+    fn subject(&self, user: Option<&str>) -> Subject {
+        let mut subject = self.subject.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(user) = user {
+            subject.user = Some(user.to_string());
+        }
+        subject
+    }
+
+    /// Decides whether `key` may log in as `username` from this connection's address.
+    fn check(
+        &self,
+        username: &str,
+        key: &PublicKey,
+        algorithm: &Algorithm,
+    ) -> Result<Arc<User>, Refusal> {
+        if matches!(algorithm, Algorithm::Rsa { hash: None }) {
+            return Err(Refusal::Auth(
+                "ssh-rsa (SHA-1) signatures are refused; use rsa-sha2-256/512 or an Ed25519 key"
+                    .into(),
+            ));
+        }
+        let Some(user) = self.door.users().get(username) else {
+            return Err(Refusal::Auth("unknown user".into()));
+        };
+        if !user.ip_allowed(self.peer.ip()) {
+            return Err(Refusal::Ip(if user.allowed_ips.is_empty() {
+                "the user has no allowed_ips, so every address is refused".into()
+            } else {
+                "the address is not in the user's allowed_ips".into()
+            }));
+        }
+        if !user.has_key(key) {
+            return Err(Refusal::Auth(
+                "the key is not one of the user's ssh_keys".into(),
+            ));
+        }
+        Ok(user)
+    }
+
+    fn audit_refusal(&self, username: &str, key: &PublicKey, refusal: Refusal) {
+        let subject = self.subject(Some(username));
+        let event = match refusal {
+            Refusal::Ip(reason) => Event::IpRefused { reason },
+            Refusal::Auth(reason) => Event::AuthRefused {
+                method: "publickey".into(),
+                reason,
+                key_fingerprint: Some(key.fingerprint(HashAlg::Sha256).to_string()),
+            },
+        };
+        self.door.audit.record(&subject, event);
+    }
+
+    fn refuse_method(&self, username: &str, method: &str) {
+        self.door.audit.record(
+            &self.subject(Some(username)),
+            Event::AuthRefused {
+                method: method.into(),
+                reason: format!("{method} authentication is disabled; use an SSH key"),
+                key_fingerprint: None,
+            },
+        );
+    }
+}
+
+impl Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        self.refuse_method(user, "password");
+        Ok(Auth::reject())
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        self.refuse_method(user, "keyboard-interactive");
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.check(user, offer.public_key, offer.algorithm) {
+            Ok(_) => Ok(Auth::Accept),
+            Err(refusal) => {
+                self.audit_refusal(user, offer.public_key, refusal);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.check(user, key.public_key, key.algorithm) {
+            Ok(found) => {
+                if let Ok(mut subject) = self.subject.lock() {
+                    subject.user = Some(found.username.clone());
+                }
+                self.door.audit.record(
+                    &self.subject(None),
+                    Event::AuthAccepted {
+                        method: "publickey".into(),
+                        key_fingerprint: key.public_key.fingerprint(HashAlg::Sha256).to_string(),
+                    },
+                );
+                self.user = Some(found);
+                Ok(Auth::Accept)
+            }
+            Err(refusal) => {
+                self.audit_refusal(user, key.public_key, refusal);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.user.is_some() && self.channels.len() < 4 {
+            self.channels.insert(channel.id(), channel);
+            reply.accept().await;
+        } else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel_id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some(user), true) = (self.user.clone(), name == "sftp") else {
+            self.door.audit.record(
+                &self.subject(None),
+                Event::ChannelRefused {
+                    request: format!("subsystem {name}"),
+                },
+            );
+            return session.channel_failure(channel_id);
+        };
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            return session.channel_failure(channel_id);
+        };
+        let egress = match user
+            .egress
+            .as_ref()
+            .map(|egress| Bucket::open(&egress.location))
+        {
+            None => None,
+            Some(Ok(bucket)) => Some(bucket),
+            Some(Err(error)) => {
+                tracing::error!(%error, user = %user.username, "cannot open the user's egress area");
+                return session.channel_failure(channel_id);
+            }
+        };
+        session.channel_success(channel_id)?;
+        let ctx = Arc::new(SessionContext {
+            view: UserView::new(
+                user,
+                self.door.landing.clone(),
+                egress,
+                self.door.state.clone(),
+                self.door.max_file_size,
+            ),
+            state: self.door.state.clone(),
+            audit: self.door.audit.clone(),
+            subject: self.subject(None),
+        });
+        let handle = session.handle();
+        tokio::spawn(async move {
+            let finish = async move {
+                let _ = handle.exit_status_request(channel_id, 0).await;
+                let _ = handle.eof(channel_id).await;
+            };
+            session::serve(channel.into_stream(), ctx, finish).await;
+        });
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command: String = String::from_utf8_lossy(data).chars().take(200).collect();
+        self.door.audit.record(
+            &self.subject(None),
+            Event::ChannelRefused {
+                request: format!("exec {command}"),
+            },
+        );
+        session.channel_failure(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.door.audit.record(
+            &self.subject(None),
+            Event::ChannelRefused {
+                request: "shell".into(),
+            },
+        );
+        session.channel_failure(channel)
+    }
+}

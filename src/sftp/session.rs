@@ -1,0 +1,863 @@
+//! The SFTP protocol loop of one subsystem channel, pipelined.
+//!
+//! russh-sftp's own server loop answers one request at a time; this one uses its packet types but
+//! keeps many requests in flight: each open file has a worker task that handles its requests in
+//! order (so writes stream without waiting for each other), path requests run concurrently up to a
+//! bound, and replies are batched onto the channel as they are ready. Backpressure is natural: when a
+//! file's queue is full the loop stops reading, so the SSH window stops opening.
+//!
+//! This module speaks SFTP only; what a path means and what is allowed is `fs`'s business.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes, BytesMut};
+use russh_sftp::protocol::{
+    Attrs, Data, ExtendedReply, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status,
+    StatusCode, Version,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::fs::{Entry, Opened, SftpError, UserView, file_attrs, in_download_area};
+use super::paths::{AboveRoot, VirtualPath, normalise};
+use crate::audit::{Audit, Event, Subject};
+use crate::state::{NewJob, State};
+use crate::storage::{Download, Upload};
+
+/// Largest SFTP packet accepted from a client (as OpenSSH's sftp-server).
+pub const MAX_PACKET: u32 = 256 * 1024;
+/// Largest READ/WRITE payload, advertised through limits@openssh.com.
+pub const MAX_READ_WRITE: u32 = MAX_PACKET - 1024;
+/// Open files and folders per session.
+pub const MAX_HANDLES: usize = 256;
+/// Path requests (stat, list, rename, ...) running at once per session.
+const CONCURRENT_REQUESTS: usize = 32;
+/// Requests queued per open file before the loop stops reading.
+const FILE_QUEUE: usize = 64;
+/// Names per READDIR reply.
+const NAMES_PER_READDIR: usize = 128;
+
+const SSH_FXP_INIT: u8 = 1;
+const SSH_FXP_EXTENDED: u8 = 200;
+
+/// Everything a session needs, shared by its tasks.
+pub struct SessionContext {
+    pub view: UserView,
+    pub state: State,
+    pub audit: Arc<Audit>,
+    pub subject: Subject,
+}
+
+impl SessionContext {
+    fn audit(&self, event: Event) {
+        self.audit.record(&self.subject, event);
+    }
+}
+
+enum OpenHandle {
+    File(mpsc::Sender<FileRequest>),
+    Folder(VecDeque<File>),
+}
+
+enum FileRequest {
+    Write { id: u32, offset: u64, data: Bytes },
+    Read { id: u32, offset: u64, len: u32 },
+    Stat { id: u32 },
+    SetStat { id: u32 },
+    Close { id: u32 },
+}
+
+struct Session {
+    ctx: Arc<SessionContext>,
+    replies: mpsc::Sender<Packet>,
+    handles: Arc<Mutex<HashMap<String, OpenHandle>>>,
+    next_handle: Arc<AtomicU64>,
+    limiter: Arc<Semaphore>,
+    /// Every task holds a clone; when all are dropped the session's work is done.
+    alive: mpsc::Sender<()>,
+}
+
+/// Runs the SFTP protocol on `stream` until the client closes it, then runs `finish` (which sends
+/// exit-status and EOF) before the stream is dropped, which closes the channel: OpenSSH's scp wants
+/// that order.
+pub async fn serve<S, F>(stream: S, ctx: Arc<SessionContext>, finish: F)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: Future<Output = ()>,
+{
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (replies, reply_queue) = mpsc::channel(256);
+    let writer_task = tokio::spawn(write_replies(writer, reply_queue));
+    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let mut session = Session {
+        ctx,
+        replies,
+        handles: Arc::new(Mutex::new(HashMap::new())),
+        next_handle: Arc::new(AtomicU64::new(1)),
+        limiter: Arc::new(Semaphore::new(CONCURRENT_REQUESTS)),
+        alive,
+    };
+    loop {
+        match read_packet(&mut reader).await {
+            Ok(Some(packet)) => session.dispatch(packet).await,
+            Ok(None) => break,
+            Err(error) => {
+                tracing::info!(%error, "ending the SFTP session");
+                break;
+            }
+        }
+    }
+    // Dropping the handle table ends every file worker: uploads not closed are discarded.
+    if let Ok(mut handles) = session.handles.lock() {
+        handles.clear();
+    }
+    drop(session);
+    let _ = all_done.recv().await;
+    let _ = writer_task.await;
+    finish.await;
+    drop(reader);
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<Bytes>> {
+    let length = match reader.read_u32().await {
+        Ok(length) => length,
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if length == 0 || length > MAX_PACKET {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("an SFTP packet of {length} bytes is outside the limit of 1..={MAX_PACKET}"),
+        ));
+    }
+    let mut buffer = vec![0; length as usize];
+    reader.read_exact(&mut buffer).await?;
+    Ok(Some(Bytes::from(buffer)))
+}
+
+/// Writes replies in batches: everything ready goes out in one channel write.
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Receiver<Packet>) {
+    let mut batch = BytesMut::new();
+    while let Some(packet) = queue.recv().await {
+        encode_into(&mut batch, packet);
+        while batch.len() < 1024 * 1024 {
+            match queue.try_recv() {
+                Ok(packet) => encode_into(&mut batch, packet),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = writer.write_all(&batch).await {
+            tracing::debug!(%error, "cannot send SFTP replies; the client has gone");
+            return;
+        }
+        batch.clear();
+        let _ = writer.flush().await;
+    }
+}
+
+fn encode_into(batch: &mut BytesMut, packet: Packet) {
+    match Bytes::try_from(packet) {
+        Ok(bytes) => batch.extend_from_slice(&bytes),
+        Err(error) => tracing::error!(%error, "cannot encode an SFTP reply"),
+    }
+}
+
+fn status(id: u32, code: StatusCode, message: impl Into<String>) -> Packet {
+    Packet::Status(Status {
+        id,
+        status_code: code,
+        error_message: message.into(),
+        language_tag: "en".into(),
+    })
+}
+
+fn ok(id: u32) -> Packet {
+    status(id, StatusCode::Ok, "OK")
+}
+
+fn error_reply(id: u32, error: SftpError) -> Packet {
+    status(id, error.code, error.message)
+}
+
+fn reply_for(id: u32, result: Result<Packet, SftpError>) -> Packet {
+    result.unwrap_or_else(|error| error_reply(id, error))
+}
+
+fn parse_path(raw: &str) -> Result<VirtualPath, SftpError> {
+    Ok(normalise(raw, AboveRoot::Refuse)?)
+}
+
+impl Session {
+    async fn send(&self, packet: Packet) {
+        let _ = self.replies.send(packet).await;
+    }
+
+    async fn dispatch(&mut self, raw: Bytes) {
+        let kind = raw.first().copied().unwrap_or(0);
+        let id = raw.get(1..5).map_or(0, |mut bytes| bytes.get_u32());
+        let mut body = raw.clone();
+        let packet = match Packet::try_from(&mut body) {
+            Ok(packet) => packet,
+            Err(_) => {
+                let known = (SSH_FXP_INIT..=20).contains(&kind) || kind == SSH_FXP_EXTENDED;
+                let reply = if known {
+                    status(
+                        id,
+                        StatusCode::BadMessage,
+                        format!("malformed request of type {kind}"),
+                    )
+                } else {
+                    status(
+                        id,
+                        StatusCode::OpUnsupported,
+                        format!("unknown request type {kind}"),
+                    )
+                };
+                return self.send(reply).await;
+            }
+        };
+        match packet {
+            Packet::Init(_) => {
+                let mut version = Version::new();
+                version
+                    .extensions
+                    .insert("limits@openssh.com".into(), "1".into());
+                version
+                    .extensions
+                    .insert("posix-rename@openssh.com".into(), "1".into());
+                self.send(Packet::Version(version)).await;
+            }
+            Packet::Write(write) => {
+                let request = FileRequest::Write {
+                    id: write.id,
+                    offset: write.offset,
+                    data: Bytes::from(write.data),
+                };
+                self.to_file(&write.handle, write.id, request).await;
+            }
+            Packet::Read(read) => {
+                let request = FileRequest::Read {
+                    id: read.id,
+                    offset: read.offset,
+                    len: read.len,
+                };
+                self.to_file(&read.handle, read.id, request).await;
+            }
+            Packet::Fstat(fstat) => {
+                self.to_file(&fstat.handle, fstat.id, FileRequest::Stat { id: fstat.id })
+                    .await;
+            }
+            Packet::FSetStat(fsetstat) => {
+                self.to_file(
+                    &fsetstat.handle,
+                    fsetstat.id,
+                    FileRequest::SetStat { id: fsetstat.id },
+                )
+                .await;
+            }
+            Packet::Close(close) => self.close(&close.handle, close.id).await,
+            Packet::ReadDir(readdir) => {
+                let reply = self.read_folder(&readdir.handle, readdir.id);
+                self.send(reply).await;
+            }
+            Packet::RealPath(realpath) => {
+                let resolved =
+                    normalise(&realpath.path, AboveRoot::StayAtRoot).map_err(SftpError::from);
+                let reply = resolved.map(|path| {
+                    Packet::Name(Name {
+                        id: realpath.id,
+                        files: vec![File {
+                            filename: path.to_string(),
+                            longname: String::new(),
+                            attrs: FileAttributes::empty(),
+                        }],
+                    })
+                });
+                self.send(reply_for(realpath.id, reply)).await;
+            }
+            Packet::ReadLink(readlink) => {
+                self.send(status(
+                    readlink.id,
+                    StatusCode::PermissionDenied,
+                    "symbolic links are not supported",
+                ))
+                .await;
+            }
+            Packet::Symlink(symlink) => {
+                self.send(status(
+                    symlink.id,
+                    StatusCode::PermissionDenied,
+                    "symbolic links are not supported",
+                ))
+                .await;
+            }
+            Packet::Open(open) => {
+                let id = open.id;
+                let (filename, flags) = (open.filename, open.pflags);
+                self.spawn(id, move |session| async move {
+                    session.open(id, &filename, flags).await
+                })
+                .await;
+            }
+            Packet::OpenDir(opendir) => {
+                let id = opendir.id;
+                self.spawn(id, move |session| async move {
+                    session.open_folder(id, &opendir.path).await
+                })
+                .await;
+            }
+            Packet::Stat(stat) => {
+                let id = stat.id;
+                self.spawn(id, move |session| async move {
+                    session.stat(id, &stat.path).await
+                })
+                .await;
+            }
+            Packet::Lstat(lstat) => {
+                let id = lstat.id;
+                self.spawn(id, move |session| async move {
+                    session.stat(id, &lstat.path).await
+                })
+                .await;
+            }
+            Packet::SetStat(setstat) => {
+                let id = setstat.id;
+                self.spawn(id, move |session| async move {
+                    session.stat(id, &setstat.path).await.map(|_| ok(id))
+                })
+                .await;
+            }
+            Packet::MkDir(mkdir) => {
+                let id = mkdir.id;
+                self.spawn(id, move |session| async move {
+                    let path = parse_path(&mkdir.path)?;
+                    session.ctx.view.mkdir(&path).await?;
+                    session.ctx.audit(Event::Mkdir {
+                        path: path.to_string(),
+                    });
+                    Ok(ok(id))
+                })
+                .await;
+            }
+            Packet::RmDir(rmdir) => {
+                let id = rmdir.id;
+                self.spawn(id, move |session| async move {
+                    let path = parse_path(&rmdir.path)?;
+                    session.ctx.view.rmdir(&path).await?;
+                    session.ctx.audit(Event::Rmdir {
+                        path: path.to_string(),
+                    });
+                    Ok(ok(id))
+                })
+                .await;
+            }
+            Packet::Remove(remove) => {
+                let id = remove.id;
+                self.spawn(id, move |session| async move {
+                    let path = parse_path(&remove.filename)?;
+                    session.ctx.view.remove(&path).await?;
+                    session.ctx.audit(Event::Remove {
+                        path: path.to_string(),
+                    });
+                    Ok(ok(id))
+                })
+                .await;
+            }
+            Packet::Rename(rename) => {
+                let id = rename.id;
+                self.spawn(id, move |session| async move {
+                    session
+                        .rename(id, &rename.oldpath, &rename.newpath, false)
+                        .await
+                })
+                .await;
+            }
+            Packet::Extended(extended) => {
+                self.extended(extended.id, &extended.request, extended.data)
+                    .await
+            }
+            other => {
+                let id = other.get_request_id();
+                self.send(status(
+                    id,
+                    StatusCode::BadMessage,
+                    "not a request a client may send",
+                ))
+                .await;
+            }
+        }
+    }
+
+    async fn extended(&mut self, id: u32, request: &str, data: Vec<u8>) {
+        match request {
+            "limits@openssh.com" => {
+                let mut reply = Vec::with_capacity(32);
+                for limit in [
+                    u64::from(MAX_PACKET),
+                    u64::from(MAX_READ_WRITE),
+                    u64::from(MAX_READ_WRITE),
+                    MAX_HANDLES as u64,
+                ] {
+                    reply.extend_from_slice(&limit.to_be_bytes());
+                }
+                self.send(Packet::ExtendedReply(ExtendedReply { id, data: reply }))
+                    .await;
+            }
+            "posix-rename@openssh.com" => match two_strings(&data) {
+                Some((from, to)) => {
+                    self.spawn(id, move |session| async move {
+                        session.rename(id, &from, &to, true).await
+                    })
+                    .await;
+                }
+                None => {
+                    self.send(status(
+                        id,
+                        StatusCode::BadMessage,
+                        "malformed posix-rename request",
+                    ))
+                    .await;
+                }
+            },
+            "hardlink@openssh.com" => {
+                self.send(status(
+                    id,
+                    StatusCode::PermissionDenied,
+                    "links are not supported",
+                ))
+                .await;
+            }
+            other => {
+                self.send(status(
+                    id,
+                    StatusCode::OpUnsupported,
+                    format!("the extension `{other}` is not supported"),
+                ))
+                .await;
+            }
+        }
+    }
+
+    /// Runs a path request concurrently (bounded), replying with its result.
+    async fn spawn<F, Fut>(&self, id: u32, request: F)
+    where
+        F: FnOnce(Arc<Worker>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Packet, SftpError>> + Send + 'static,
+    {
+        let Ok(permit) = self.limiter.clone().acquire_owned().await else {
+            return;
+        };
+        let worker = Arc::new(Worker {
+            ctx: self.ctx.clone(),
+            replies: self.replies.clone(),
+            handles: self.handles.clone(),
+            next_handle: self.next_handle.clone(),
+            alive: self.alive.clone(),
+        });
+        tokio::spawn(async move {
+            let replies = worker.replies.clone();
+            let reply = reply_for(id, request(worker).await);
+            let _ = replies.send(reply).await;
+            drop(permit);
+        });
+    }
+
+    async fn to_file(&self, handle: &str, id: u32, request: FileRequest) {
+        let sender = match self
+            .handles
+            .lock()
+            .ok()
+            .and_then(|handles| match handles.get(handle) {
+                Some(OpenHandle::File(sender)) => Some(Ok(sender.clone())),
+                Some(OpenHandle::Folder(_)) => Some(Err("this handle is a folder, not a file")),
+                None => None,
+            }) {
+            Some(Ok(sender)) => sender,
+            Some(Err(message)) => return self.send(status(id, StatusCode::Failure, message)).await,
+            None => return self.send(invalid_handle(id)).await,
+        };
+        if sender.send(request).await.is_err() {
+            self.send(status(
+                id,
+                StatusCode::Failure,
+                "the file is no longer open",
+            ))
+            .await;
+        }
+    }
+
+    async fn close(&self, handle: &str, id: u32) {
+        let removed = self
+            .handles
+            .lock()
+            .ok()
+            .and_then(|mut handles| handles.remove(handle));
+        match removed {
+            Some(OpenHandle::File(sender)) => {
+                if sender.send(FileRequest::Close { id }).await.is_err() {
+                    self.send(status(
+                        id,
+                        StatusCode::Failure,
+                        "the file is no longer open",
+                    ))
+                    .await;
+                }
+            }
+            Some(OpenHandle::Folder(_)) => self.send(ok(id)).await,
+            None => self.send(invalid_handle(id)).await,
+        }
+    }
+
+    fn read_folder(&self, handle: &str, id: u32) -> Packet {
+        let Ok(mut handles) = self.handles.lock() else {
+            return invalid_handle(id);
+        };
+        match handles.get_mut(handle) {
+            Some(OpenHandle::Folder(entries)) if entries.is_empty() => {
+                status(id, StatusCode::Eof, "end of folder")
+            }
+            Some(OpenHandle::Folder(entries)) => {
+                let count = entries.len().min(NAMES_PER_READDIR);
+                Packet::Name(Name {
+                    id,
+                    files: entries.drain(..count).collect(),
+                })
+            }
+            Some(OpenHandle::File(_)) => status(
+                id,
+                StatusCode::Failure,
+                "this handle is a file, not a folder",
+            ),
+            None => invalid_handle(id),
+        }
+    }
+}
+
+fn invalid_handle(id: u32) -> Packet {
+    status(
+        id,
+        StatusCode::Failure,
+        "invalid handle: it was never opened or is already closed",
+    )
+}
+
+/// Reads two SSH strings (u32 length + UTF-8) from an extended request's data.
+fn two_strings(data: &[u8]) -> Option<(String, String)> {
+    let mut data = Bytes::copy_from_slice(data);
+    let mut next = || {
+        let length = usize::try_from(data.try_get_u32().ok()?).ok()?;
+        if data.len() < length {
+            return None;
+        }
+        String::from_utf8(data.split_to(length).to_vec()).ok()
+    };
+    Some((next()?, next()?))
+}
+
+/// What a concurrent request task holds.
+struct Worker {
+    ctx: Arc<SessionContext>,
+    replies: mpsc::Sender<Packet>,
+    handles: Arc<Mutex<HashMap<String, OpenHandle>>>,
+    next_handle: Arc<AtomicU64>,
+    alive: mpsc::Sender<()>,
+}
+
+impl Worker {
+    fn handle_count(&self) -> usize {
+        self.handles
+            .lock()
+            .map_or(usize::MAX, |handles| handles.len())
+    }
+
+    fn too_many_handles() -> SftpError {
+        SftpError::failure(format!(
+            "too many open files and folders in this session (at most {MAX_HANDLES}); close some first"
+        ))
+    }
+
+    fn register(&self, handle: OpenHandle) -> Result<String, SftpError> {
+        let name = self.next_handle.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut handles = self
+            .handles
+            .lock()
+            .map_err(|_| SftpError::failure("internal error"))?;
+        if handles.len() >= MAX_HANDLES {
+            return Err(Self::too_many_handles());
+        }
+        handles.insert(name.clone(), handle);
+        Ok(name)
+    }
+
+    async fn stat(&self, id: u32, raw: &str) -> Result<Packet, SftpError> {
+        let path = parse_path(raw)?;
+        let entry = self.ctx.view.stat(&path).await?;
+        let uploaded = !in_download_area(&self.ctx.view, &path);
+        Ok(Packet::Attrs(Attrs {
+            id,
+            attrs: file_attrs(&entry, uploaded),
+        }))
+    }
+
+    async fn rename(
+        &self,
+        id: u32,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> Result<Packet, SftpError> {
+        let (from, to) = (parse_path(from)?, parse_path(to)?);
+        self.ctx.view.rename(&from, &to, overwrite).await?;
+        self.ctx.audit(Event::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
+        Ok(ok(id))
+    }
+
+    async fn open_folder(&self, id: u32, raw: &str) -> Result<Packet, SftpError> {
+        if self.handle_count() >= MAX_HANDLES {
+            return Err(Self::too_many_handles());
+        }
+        let path = parse_path(raw)?;
+        let entries = self.ctx.view.list(&path).await?;
+        let handle = self.register(OpenHandle::Folder(entries.into()))?;
+        Ok(Packet::Handle(Handle { id, handle }))
+    }
+
+    async fn open(&self, id: u32, raw: &str, flags: OpenFlags) -> Result<Packet, SftpError> {
+        if self.handle_count() >= MAX_HANDLES {
+            return Err(Self::too_many_handles());
+        }
+        let path = parse_path(raw)?;
+        let opened = self.ctx.view.open(&path, flags).await?;
+        let (sender, queue) = mpsc::channel(FILE_QUEUE);
+        let handle = self.register(OpenHandle::File(sender))?;
+        let ctx = self.ctx.clone();
+        let replies = self.replies.clone();
+        let alive = self.alive.clone();
+        match opened {
+            Opened::Upload(upload) => {
+                ctx.audit(Event::Open {
+                    path: path.to_string(),
+                    mode: "write",
+                });
+                tokio::spawn(async move {
+                    run_upload(&ctx, &path, *upload, queue, &replies).await;
+                    drop(alive);
+                });
+            }
+            Opened::Download(download) => {
+                ctx.audit(Event::Open {
+                    path: path.to_string(),
+                    mode: "read",
+                });
+                tokio::spawn(async move {
+                    run_download(&ctx, &path, download, queue, &replies).await;
+                    drop(alive);
+                });
+            }
+        }
+        Ok(Packet::Handle(Handle { id, handle }))
+    }
+}
+
+/// Serves one file opened for upload until CLOSE (the upload completes) or the session ends
+/// (the upload is discarded).
+async fn run_upload(
+    ctx: &SessionContext,
+    path: &VirtualPath,
+    upload: Upload,
+    mut queue: mpsc::Receiver<FileRequest>,
+    replies: &mpsc::Sender<Packet>,
+) {
+    let mut upload = Some(upload);
+    let mut failure: Option<String> = None;
+    let mut received: u64 = 0;
+    while let Some(request) = queue.recv().await {
+        let reply = match request {
+            FileRequest::Write { id, offset, data } => {
+                received = received.max(offset.saturating_add(data.len() as u64));
+                match (&mut upload, &failure) {
+                    (Some(current), None) => match current.write(offset, data).await {
+                        Ok(()) => ok(id),
+                        Err(error) => {
+                            let reason = error.to_string();
+                            if let Some(current) = upload.take() {
+                                current.abort().await;
+                            }
+                            ctx.audit(Event::UploadAborted {
+                                path: path.to_string(),
+                                bytes_received: received,
+                                reason: reason.clone(),
+                            });
+                            failure = Some(reason.clone());
+                            status(id, StatusCode::Failure, reason)
+                        }
+                    },
+                    (_, Some(reason)) => status(id, StatusCode::Failure, reason.clone()),
+                    (None, None) => status(id, StatusCode::Failure, "the upload is closed"),
+                }
+            }
+            FileRequest::Read { id, .. } => status(
+                id,
+                StatusCode::PermissionDenied,
+                "uploaded files cannot be read back (this account is upload-only)",
+            ),
+            FileRequest::Stat { id } => Packet::Attrs(Attrs {
+                id,
+                attrs: file_attrs(
+                    &Entry::File {
+                        size: upload.as_ref().map_or(0, Upload::len),
+                        modified: 0,
+                    },
+                    true,
+                ),
+            }),
+            FileRequest::SetStat { id } => ok(id),
+            FileRequest::Close { id } => {
+                let reply = match (upload.take(), failure.take()) {
+                    (Some(current), None) => finish_upload(ctx, path, current, received, id).await,
+                    (_, Some(reason)) => status(id, StatusCode::Failure, reason),
+                    (None, None) => status(id, StatusCode::Failure, "the upload is closed"),
+                };
+                let _ = replies.send(reply).await;
+                return;
+            }
+        };
+        let _ = replies.send(reply).await;
+    }
+    if let Some(current) = upload.take() {
+        current.abort().await;
+        ctx.audit(Event::UploadAborted {
+            path: path.to_string(),
+            bytes_received: received,
+            reason: "the connection ended before the client closed the file".into(),
+        });
+    }
+}
+
+/// Completes the object, records the job, and only then acknowledges the CLOSE.
+async fn finish_upload(
+    ctx: &SessionContext,
+    path: &VirtualPath,
+    upload: Upload,
+    received: u64,
+    id: u32,
+) -> Packet {
+    let uploaded = match upload.finish().await {
+        Ok(uploaded) => uploaded,
+        Err(error) => {
+            let reason = error.to_string();
+            ctx.audit(Event::UploadAborted {
+                path: path.to_string(),
+                bytes_received: received,
+                reason: reason.clone(),
+            });
+            return status(id, StatusCode::Failure, reason);
+        }
+    };
+    let relative = ctx.view.home_relative(path);
+    let session = ctx.subject.session.clone().unwrap_or_default();
+    let job = NewJob {
+        username: ctx.view.username(),
+        path: &relative,
+        size: uploaded.size,
+        sha256: &uploaded.sha256,
+        session: &session,
+    };
+    match ctx.state.record_upload(&job).await {
+        Ok(job) => {
+            ctx.audit(Event::Close {
+                path: path.to_string(),
+                bytes: uploaded.size,
+                sha256: uploaded.sha256,
+                job,
+            });
+            ok(id)
+        }
+        Err(error) => {
+            tracing::error!(%error, path = %path, "the upload is stored but its job could not be recorded");
+            status(
+                id,
+                StatusCode::Failure,
+                "the file was stored but could not be recorded; upload it again",
+            )
+        }
+    }
+}
+
+/// Serves one file opened for download until CLOSE or the end of the session.
+async fn run_download(
+    ctx: &SessionContext,
+    path: &VirtualPath,
+    mut download: Download,
+    mut queue: mpsc::Receiver<FileRequest>,
+    replies: &mpsc::Sender<Packet>,
+) {
+    let mut sent: u64 = 0;
+    while let Some(request) = queue.recv().await {
+        let reply = match request {
+            FileRequest::Read { id, offset, len } => {
+                match download
+                    .read(offset, len.min(MAX_READ_WRITE) as usize)
+                    .await
+                {
+                    Ok(data) if data.is_empty() => status(id, StatusCode::Eof, "end of file"),
+                    Ok(data) => {
+                        sent += data.len() as u64;
+                        Packet::Data(Data {
+                            id,
+                            data: data.to_vec(),
+                        })
+                    }
+                    Err(error) => error_reply(id, error.into()),
+                }
+            }
+            FileRequest::Write { id, .. } => status(
+                id,
+                StatusCode::PermissionDenied,
+                "/download is read-only; upload into /upload",
+            ),
+            FileRequest::Stat { id } => Packet::Attrs(Attrs {
+                id,
+                attrs: file_attrs(
+                    &Entry::File {
+                        size: download.size(),
+                        modified: 0,
+                    },
+                    false,
+                ),
+            }),
+            FileRequest::SetStat { id } => ok(id),
+            FileRequest::Close { id } => {
+                ctx.audit(Event::Download {
+                    path: path.to_string(),
+                    bytes: sent,
+                });
+                let _ = replies.send(ok(id)).await;
+                return;
+            }
+        };
+        let _ = replies.send(reply).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_strings_parses_and_refuses_truncation() {
+        let mut data = Vec::new();
+        for s in ["/a", "/b c"] {
+            data.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            data.extend_from_slice(s.as_bytes());
+        }
+        assert_eq!(two_strings(&data), Some(("/a".into(), "/b c".into())));
+        assert_eq!(two_strings(&data[..data.len() - 1]), None);
+        assert_eq!(two_strings(&[0, 0, 0]), None);
+    }
+}

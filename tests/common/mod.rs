@@ -1,0 +1,497 @@
+//! Test harness: starts the real `ingestion` binary on a free loopback port with its own folders,
+//! users and keys, and drives it with real clients (OpenSSH sftp/scp, curl).
+//!
+//! Peers that are not installed make a test print why it is skipped, except under CI=true, where a
+//! missing peer fails the test.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Whether a peer program exists; under CI a missing one fails the test, elsewhere it is skipped.
+pub fn require(program: &str, test: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: the peer `{program}` is missing, and CI=true requires every peer");
+        }
+        eprintln!("SKIPPED {test}: `{program}` is not installed (install it or run .ci/run)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    ingestion::storage::hex(&hasher.finalize())
+}
+
+/// Writes `size` pseudo-random bytes (deterministic per seed) to `path`.
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut remaining = size;
+    let mut block = vec![0u8; 1 << 16];
+    while remaining > 0 {
+        for chunk in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        let n = remaining.min(block.len() as u64) as usize;
+        file.write_all(&block[..n]).unwrap();
+        remaining -= n as u64;
+    }
+    file.flush().unwrap();
+}
+
+/// A client key pair made by ssh-keygen.
+pub struct Key {
+    pub private: PathBuf,
+    pub public_line: String,
+}
+
+pub fn keygen(dir: &Path, name: &str, kind: &[&str]) -> Key {
+    let private = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(kind)
+        .args(["-q", "-N", "", "-C", name, "-f"])
+        .arg(&private)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let public_line = std::fs::read_to_string(private.with_extension("pub"))
+        .or_else(|_| std::fs::read_to_string(format!("{}.pub", private.display())))
+        .unwrap()
+        .trim()
+        .to_string();
+    Key {
+        private,
+        public_line,
+    }
+}
+
+/// How a test user is set up.
+pub struct UserSpec<'a> {
+    pub name: &'a str,
+    pub keys: Vec<&'a Key>,
+    pub allowed_ips: Vec<&'a str>,
+    pub egress: Option<String>,
+}
+
+/// Where the landing bucket is.
+#[derive(Clone)]
+pub enum Landing {
+    Local,
+    S3 { endpoint: String, bucket: String },
+}
+
+/// A running server with its folders.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Child,
+    pub landing: Landing,
+}
+
+impl Server {
+    pub fn start(users: &[UserSpec], extra_server: &str, landing: Landing) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("users")).unwrap();
+        let port = free_port();
+        let (landing_url, quarantine_url) = match &landing {
+            Landing::Local => (
+                "buckets/landing".to_string(),
+                "buckets/quarantine".to_string(),
+            ),
+            Landing::S3 { bucket, .. } => (
+                format!("s3://{bucket}/landing-prefix"),
+                format!("s3://{bucket}-quarantine"),
+            ),
+        };
+        std::fs::write(
+            dir.path().join("ingestion.toml"),
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n{extra_server}\n[buckets]\nlanding = \"{landing_url}\"\n\
+                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n"
+            ),
+        )
+        .unwrap();
+        for user in users {
+            let keys: Vec<String> = user
+                .keys
+                .iter()
+                .map(|k| format!("\"{}\"", k.public_line))
+                .collect();
+            let ips: Vec<String> = user
+                .allowed_ips
+                .iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect();
+            let egress = user
+                .egress
+                .as_ref()
+                .map(|location| format!("[egress]\nlocation = \"{location}\"\n"))
+                .unwrap_or_default();
+            std::fs::write(
+                dir.path().join(format!("users/{}.toml", user.name)),
+                format!(
+                    "username = \"{}\"\nname = \"Test Supplier\"\nemail = \"test.supplier@example.org\"\n\
+                     ssh_keys = [{}]\nallowed_ips = [{}]\ndestination = \"buckets/delivered/{}\"\n{egress}",
+                    user.name,
+                    keys.join(", "),
+                    ips.join(", "),
+                    user.name
+                ),
+            )
+            .unwrap();
+        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingestion"));
+        command
+            .args(["serve", "--config"])
+            .arg(dir.path().join("ingestion.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap());
+        if let Landing::S3 { endpoint, .. } = &landing {
+            s3_env(&mut command, endpoint);
+        }
+        let child = command.spawn().unwrap();
+        let mut server = Server {
+            dir,
+            port,
+            child,
+            landing,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the server exited with {status}:\n{}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the server did not start listening:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("state/audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// Audit events named `event`.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| e["event"] == event)
+            .collect()
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.path().join("known_hosts")
+    }
+
+    /// Common OpenSSH client options: this key only, no agent, no prompts.
+    fn ssh_options(&self, key: &Key) -> Vec<String> {
+        [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "-o".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts().display()),
+            "-i".to_string(),
+            key.private.display().to_string(),
+        ])
+        .collect()
+    }
+
+    /// Runs OpenSSH sftp in batch mode with `script` (one command a line).
+    pub fn sftp(&self, user: &str, key: &Key, script: &str) -> Output {
+        self.sftp_from(user, key, script, None)
+    }
+
+    pub fn sftp_from(&self, user: &str, key: &Key, script: &str, bind: Option<&str>) -> Output {
+        let mut command = Command::new("sftp");
+        command
+            .args(self.ssh_options(key))
+            .args(["-P", &self.port.to_string(), "-b", "-"]);
+        if let Some(address) = bind {
+            command.args(["-o", &format!("BindAddress={address}")]);
+        }
+        command
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn scp_upload(&self, user: &str, key: &Key, local: &Path, remote: &str) -> Output {
+        Command::new("scp")
+            .args(self.ssh_options(key))
+            .args(["-P", &self.port.to_string()])
+            .arg(local)
+            .arg(format!("{user}@127.0.0.1:{remote}"))
+            .output()
+            .unwrap()
+    }
+
+    pub fn curl_upload(
+        &self,
+        user: &str,
+        key: &Key,
+        local: &Path,
+        remote_url_path: &str,
+    ) -> Output {
+        Command::new("curl")
+            .args(["-sS", "--insecure", "--key"])
+            .arg(&key.private)
+            .arg("--pubkey")
+            .arg(format!("{}.pub", key.private.display()))
+            .arg("-T")
+            .arg(local)
+            .arg(format!(
+                "sftp://{user}@127.0.0.1:{}/{remote_url_path}",
+                self.port
+            ))
+            .output()
+            .unwrap()
+    }
+
+    /// The landed object for `user`'s home path `path`, read from local disk or S3.
+    pub fn landed(&self, user: &str, path: &str) -> Option<Vec<u8>> {
+        match &self.landing {
+            Landing::Local => std::fs::read(
+                self.dir
+                    .path()
+                    .join("buckets/landing")
+                    .join(user)
+                    .join(path),
+            )
+            .ok(),
+            Landing::S3 { endpoint, bucket } => {
+                s3_get(endpoint, bucket, &format!("landing-prefix/{user}/{path}"))
+            }
+        }
+    }
+
+    /// Every object key in the landing bucket, staging files included (local) or all keys (S3).
+    pub fn landing_listing(&self) -> Vec<String> {
+        match &self.landing {
+            Landing::Local => {
+                let root = self.dir.path().join("buckets/landing");
+                let mut found = Vec::new();
+                walk(&root, &root, &mut found);
+                found.sort();
+                found
+            }
+            Landing::S3 { endpoint, bucket } => s3_list(endpoint, bucket),
+        }
+    }
+
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn walk(root: &Path, dir: &Path, found: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(root, &path, found);
+        } else {
+            found.push(path.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+}
+
+pub fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+pub fn assert_failure(output: &Output, what: &str) {
+    assert!(
+        !output.status.success(),
+        "{what} should have failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+// ---- S3 (moto) ----
+
+fn s3_env(command: &mut Command, endpoint: &str) {
+    command
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "eu-west-2")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE");
+}
+
+fn boto(endpoint: &str, script: &str, args: &[&str]) -> Output {
+    let mut command = Command::new("python3");
+    command.arg("-c").arg(script).args(args);
+    s3_env(&mut command, endpoint);
+    command.output().unwrap()
+}
+
+const BOTO_PRELUDE: &str = "import sys, boto3\n\
+s3 = boto3.client('s3', region_name='eu-west-2', config=boto3.session.Config(s3={'addressing_style': 'path'}))\n";
+
+fn s3_get(endpoint: &str, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    let script = format!(
+        "{BOTO_PRELUDE}try:\n    body = s3.get_object(Bucket=sys.argv[1], Key=sys.argv[2])['Body'].read()\nexcept s3.exceptions.NoSuchKey:\n    sys.exit(3)\nsys.stdout.buffer.write(body)\n"
+    );
+    let output = boto(endpoint, &script, &[bucket, key]);
+    match output.status.code() {
+        Some(0) => Some(output.stdout),
+        Some(3) => None,
+        _ => panic!("boto3 get failed: {}", text(&output)),
+    }
+}
+
+fn s3_list(endpoint: &str, bucket: &str) -> Vec<String> {
+    let script = format!(
+        "{BOTO_PRELUDE}p = s3.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket=sys.argv[1]):\n    for o in page.get('Contents', []):\n        print(o['Key'])\n\
+         for u in s3.list_multipart_uploads(Bucket=sys.argv[1]).get('Uploads', []):\n    print('MULTIPART ' + u['Key'])\n"
+    );
+    let output = boto(endpoint, &script, &[bucket]);
+    assert_success(&output, "boto3 list");
+    let mut keys: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// A moto S3 server started for one test, with the buckets it needs.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start(buckets: &[&str]) -> Moto {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let script = format!(
+            "{BOTO_PRELUDE}for b in sys.argv[1:]:\n    s3.create_bucket(Bucket=b, CreateBucketConfiguration={{'LocationConstraint': 'eu-west-2'}})\n"
+        );
+        assert_success(
+            &boto(&endpoint, &script, buckets),
+            "creating buckets in moto",
+        );
+        Moto { child, endpoint }
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, file: &Path) {
+        let script =
+            format!("{BOTO_PRELUDE}s3.upload_file(sys.argv[3], sys.argv[1], sys.argv[2])\n");
+        assert_success(
+            &boto(
+                &self.endpoint,
+                &script,
+                &[bucket, key, &file.display().to_string()],
+            ),
+            "boto3 put",
+        );
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

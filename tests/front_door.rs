@@ -1,0 +1,608 @@
+//! The front door, driven by real clients: OpenSSH sftp and scp, curl (libssh2), against the real
+//! binary, with landing on a local folder and on S3 (moto).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+struct Setup {
+    keys: tempfile::TempDir,
+    acme: Key,
+    other: Key,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    if !require("sftp", test) || !require("ssh-keygen", test) {
+        return None;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let acme = keygen(keys.path(), "acme_key", &["-t", "ed25519"]);
+    let other = keygen(keys.path(), "other_key", &["-t", "ed25519"]);
+    Some(Setup { keys, acme, other })
+}
+
+fn acme<'a>(setup: &'a Setup) -> UserSpec<'a> {
+    UserSpec {
+        name: "acme",
+        keys: vec![&setup.acme],
+        allowed_ips: vec!["127.0.0.1/32"],
+        egress: None,
+    }
+}
+
+/// Uploads 0 B, 1 B, 1 MiB and 200 MiB with sftp and checks every byte and the recorded sha256.
+fn byte_exact_uploads(landing: Landing, test: &str) {
+    let Some(setup) = setup(test) else { return };
+    let server = Server::start(&[acme(&setup)], "", landing);
+    let sizes: [(&str, u64); 4] = [
+        ("empty.bin", 0),
+        ("one.bin", 1),
+        ("mib.bin", 1 << 20),
+        ("big.bin", 200 << 20),
+    ];
+    let mut script = String::from("mkdir sub\n");
+    for (index, (name, size)) in sizes.iter().enumerate() {
+        random_file(&setup.keys.path().join(name), *size, index as u64);
+        script.push_str(&format!(
+            "put {} sub/{name}\n",
+            setup.keys.path().join(name).display()
+        ));
+    }
+    assert_success(&server.sftp("acme", &setup.acme, &script), "sftp uploads");
+    let closes = server.events("close");
+    for (name, size) in sizes {
+        let local = setup.keys.path().join(name);
+        let landed = server
+            .landed("acme", &format!("sub/{name}"))
+            .unwrap_or_else(|| panic!("{name} did not land"));
+        assert_eq!(landed.len() as u64, size, "{name}");
+        let expected = sha256_file(&local);
+        assert_eq!(
+            ingestion::storage::hex(&<sha2::Sha256 as sha2::Digest>::digest(&landed)),
+            expected,
+            "{name} bytes differ"
+        );
+        let close = closes
+            .iter()
+            .find(|e| e["path"] == format!("/sub/{name}"))
+            .unwrap_or_else(|| panic!("no close event for {name}"));
+        assert_eq!(close["sha256"], expected.as_str());
+        assert_eq!(close["bytes"], size);
+        assert!(close["job"].as_i64().unwrap() > 0);
+    }
+    let listing = server.landing_listing();
+    assert!(
+        listing
+            .iter()
+            .all(|key| !key.contains('#') && !key.starts_with("MULTIPART")),
+        "leftover staging objects: {listing:?}"
+    );
+}
+
+#[test]
+fn sftp_uploads_are_byte_exact_on_local_disk() {
+    byte_exact_uploads(Landing::Local, "sftp_uploads_are_byte_exact_on_local_disk");
+}
+
+#[test]
+fn sftp_uploads_are_byte_exact_on_s3() {
+    let test = "sftp_uploads_are_byte_exact_on_s3";
+    if !require("moto_server", test) || !require("python3", test) {
+        return;
+    }
+    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine"]);
+    byte_exact_uploads(
+        Landing::S3 {
+            endpoint: moto.endpoint.clone(),
+            bucket: "landing-bucket".into(),
+        },
+        test,
+    );
+}
+
+#[test]
+fn scp_and_curl_upload() {
+    let test = "scp_and_curl_upload";
+    let Some(setup) = setup(test) else { return };
+    if !require("scp", test) || !require("curl", test) {
+        return;
+    }
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    let file = setup.keys.path().join("data.csv");
+    random_file(&file, 300_000, 7);
+    assert_success(
+        &server.scp_upload("acme", &setup.acme, &file, "/via scp.csv"),
+        "scp",
+    );
+    assert_success(
+        &server.curl_upload("acme", &setup.acme, &file, "via%20curl.csv"),
+        "curl",
+    );
+    for name in ["via scp.csv", "via curl.csv"] {
+        assert_eq!(
+            server.landed("acme", name).unwrap(),
+            std::fs::read(&file).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn names_are_stored_exactly_and_control_characters_refused() {
+    let test = "names_are_stored_exactly_and_control_characters_refused";
+    let Some(setup) = setup(test) else { return };
+    if !require("curl", test) {
+        return;
+    }
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    let file = setup.keys.path().join("x");
+    std::fs::write(&file, b"content").unwrap();
+    let names = [
+        "my report (final).csv",
+        "données €.csv",
+        "a;b&c|d$(e)`f`'g\".csv",
+        "50%.csv",
+    ];
+    let script: String = names
+        .iter()
+        .map(|name| format!("put {} \"{}\"\n", file.display(), name.replace('"', "\\\"")))
+        .collect();
+    assert_success(
+        &server.sftp("acme", &setup.acme, &script),
+        "sftp with odd names",
+    );
+    for name in names {
+        assert_eq!(
+            server.landed("acme", name).as_deref(),
+            Some(&b"content"[..]),
+            "{name}"
+        );
+    }
+    // curl decodes %0A into a newline in the remote name: the server must refuse it.
+    let output = server.curl_upload("acme", &setup.acme, &file, "bad%0Aname.csv");
+    assert_failure(&output, "upload of a name with a newline");
+    let long = "n".repeat(1100);
+    let output = server.sftp(
+        "acme",
+        &setup.acme,
+        &format!("put {} {long}\n", file.display()),
+    );
+    assert_failure(&output, "upload of a 1100-byte name");
+    assert!(server.landed("acme", &long).is_none());
+}
+
+#[test]
+fn wrong_key_is_refused_and_audited() {
+    let Some(setup) = setup("wrong_key_is_refused_and_audited") else {
+        return;
+    };
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    let output = server.sftp("acme", &setup.other, "ls\n");
+    assert_failure(&output, "login with another user's key");
+    let refused = server.events("auth_refused");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["user"] == "acme" && e["reason"].as_str().unwrap().contains("not one of")),
+        "{refused:?}"
+    );
+    assert!(server.events("auth_accepted").is_empty());
+}
+
+#[test]
+fn right_key_from_a_disallowed_address_is_refused() {
+    let Some(setup) = setup("right_key_from_a_disallowed_address_is_refused") else {
+        return;
+    };
+    let mut nobody = acme(&setup);
+    nobody.name = "nobody";
+    nobody.keys = vec![&setup.other];
+    nobody.allowed_ips = vec![];
+    let server = Server::start(&[acme(&setup), nobody], "", Landing::Local);
+    let output = server.sftp_from("acme", &setup.acme, "ls\n", Some("127.0.0.2"));
+    assert_failure(&output, "login from 127.0.0.2");
+    let output = server.sftp("nobody", &setup.other, "ls\n");
+    assert_failure(&output, "login of a user without allowed_ips");
+    let refused = server.events("ip_refused");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["user"] == "acme" && e["ip"] == "127.0.0.2"),
+        "{refused:?}"
+    );
+    assert!(refused.iter().any(|e| e["user"] == "nobody"), "{refused:?}");
+    assert_success(
+        &server.sftp("acme", &setup.acme, "ls\n"),
+        "login from the allowed address",
+    );
+}
+
+#[test]
+fn rsa_and_ecdsa_keys_work_and_password_is_not_offered() {
+    let test = "rsa_and_ecdsa_keys_work_and_password_is_not_offered";
+    let Some(setup) = setup(test) else { return };
+    let rsa = keygen(setup.keys.path(), "rsa_key", &["-t", "rsa", "-b", "3072"]);
+    let ecdsa = keygen(
+        setup.keys.path(),
+        "ecdsa_key",
+        &["-t", "ecdsa", "-b", "256"],
+    );
+    let mut user = acme(&setup);
+    user.keys = vec![&rsa, &ecdsa];
+    let server = Server::start(&[user], "", Landing::Local);
+    assert_success(
+        &server.sftp("acme", &rsa, "ls\n"),
+        "login with RSA (rsa-sha2)",
+    );
+    assert_success(&server.sftp("acme", &ecdsa, "ls\n"), "login with ECDSA");
+    let output = std::process::Command::new("ssh")
+        .args([
+            "-v",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            server.known_hosts().display()
+        ))
+        .args(["-p", &server.port.to_string(), "acme@127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    assert_failure(&output, "login without a key");
+    let log = text(&output);
+    assert!(
+        log.contains("Authentications that can continue: publickey\n")
+            || log.contains("Authentications that can continue: publickey\r"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_home_is_a_jail() {
+    let Some(setup) = setup("the_home_is_a_jail") else {
+        return;
+    };
+    let mut other = acme(&setup);
+    other.name = "other";
+    other.keys = vec![&setup.other];
+    let server = Server::start(&[acme(&setup), other], "", Landing::Local);
+    let file = setup.keys.path().join("secret.txt");
+    std::fs::write(&file, b"other's data").unwrap();
+    assert_success(
+        &server.sftp(
+            "other",
+            &setup.other,
+            &format!("put {} secret.txt\n", file.display()),
+        ),
+        "other's upload",
+    );
+
+    // Each line is its own batch: sftp -b stops at the first failing command.
+    for attempt in [
+        format!("put {} ../escape.txt", file.display()),
+        format!("put {} /../other/escape.txt", file.display()),
+        format!("put {} ../../../../tmp/escape.txt", file.display()),
+        "get ../other/secret.txt /dev/null".to_string(),
+        "ls ..".to_string(),
+        "ls /../other".to_string(),
+        "rename ../other/secret.txt mine.txt".to_string(),
+        "rm ../other/secret.txt".to_string(),
+        "ln -s /etc/passwd passwd".to_string(),
+        "ln secret.txt hard".to_string(),
+        "get /etc/passwd /dev/null".to_string(),
+    ] {
+        let output = server.sftp("acme", &setup.acme, &format!("{attempt}\n"));
+        assert_failure(&output, &attempt);
+    }
+    // cd .. at the root stays at the root, which holds only acme's own (empty) home.
+    let output = server.sftp("acme", &setup.acme, "cd ..\npwd\nls -la\n");
+    assert_success(&output, "cd .. at the root");
+    let listing = text(&output);
+    assert!(listing.contains("Remote working directory: /"), "{listing}");
+    assert!(
+        !listing.contains("secret") && !listing.contains("other"),
+        "{listing}"
+    );
+    assert_eq!(
+        server.landed("other", "secret.txt").unwrap(),
+        b"other's data"
+    );
+    let keys = server.landing_listing();
+    assert_eq!(
+        keys,
+        ["other/secret.txt"],
+        "nothing escaped or moved: {keys:?}"
+    );
+}
+
+#[test]
+fn uploads_cannot_be_read_back_but_can_be_managed() {
+    let Some(setup) = setup("uploads_cannot_be_read_back_but_can_be_managed") else {
+        return;
+    };
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    let file = setup.keys.path().join("a.csv");
+    std::fs::write(&file, b"1,2,3\n").unwrap();
+    let script = format!(
+        "mkdir in\nput {f} in/a.csv\nput {f} in/stray.csv\nrename in/a.csv in/b.csv\nrm in/stray.csv\nls -l in\nmkdir empty\nrmdir empty\n",
+        f = file.display()
+    );
+    let output = server.sftp("acme", &setup.acme, &script);
+    assert_success(&output, "manage own files");
+    let listing = text(&output);
+    let files: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.starts_with('-'))
+        .collect();
+    assert!(
+        files.len() == 1 && files[0].ends_with(" b.csv"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("--w-------"),
+        "uploads show as write-only: {listing}"
+    );
+    let output = server.sftp("acme", &setup.acme, "get in/b.csv /dev/null\n");
+    assert_failure(&output, "reading back an upload");
+    assert!(
+        text(&output).to_lowercase().contains("permission denied"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(server.landing_listing(), ["acme/in/b.csv"]);
+    let events: Vec<String> = server
+        .audit()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for expected in [
+        "connect",
+        "auth_accepted",
+        "mkdir",
+        "open",
+        "close",
+        "rename",
+        "remove",
+        "rmdir",
+        "disconnect",
+    ] {
+        assert!(
+            events.iter().any(|e| e == expected),
+            "no {expected} event in {events:?}"
+        );
+    }
+}
+
+#[test]
+fn max_file_size_is_enforced_while_bytes_arrive() {
+    let Some(setup) = setup("max_file_size_is_enforced_while_bytes_arrive") else {
+        return;
+    };
+    let server = Server::start(&[acme(&setup)], "max_file_size = \"1 MiB\"", Landing::Local);
+    let file = setup.keys.path().join("big.bin");
+    random_file(&file, 3 << 20, 1);
+    let output = server.sftp(
+        "acme",
+        &setup.acme,
+        &format!("put {} big.bin\n", file.display()),
+    );
+    assert_failure(&output, "upload over max_file_size");
+    assert!(
+        server.landing_listing().is_empty(),
+        "{:?}",
+        server.landing_listing()
+    );
+    let aborted = server.events("upload_aborted");
+    assert!(
+        aborted.iter().any(|e| e["reason"]
+            .as_str()
+            .unwrap()
+            .contains("maximum upload size")),
+        "{aborted:?}"
+    );
+    let small = setup.keys.path().join("small.bin");
+    random_file(&small, 1 << 20, 2);
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.acme,
+            &format!("put {} small.bin\n", small.display()),
+        ),
+        "upload at the limit",
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_mid_upload_leaves_nothing() {
+    let Some(setup) = setup("a_client_that_disconnects_mid_upload_leaves_nothing") else {
+        return;
+    };
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    let file = setup.keys.path().join("huge.bin");
+    random_file(&file, 400 << 20, 3);
+    let mut child = std::process::Command::new("sftp")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-l",
+            "64",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            server.known_hosts().display()
+        ))
+        .arg("-i")
+        .arg(&setup.acme.private)
+        .args(["-P", &server.port.to_string(), "-b", "-", "acme@127.0.0.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "put {} huge.bin", file.display()).unwrap();
+    }
+    // Wait until the upload is under way, then kill the client.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.events("open").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.events("upload_aborted").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no upload_aborted event: {:?}",
+            server.audit()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        server.landing_listing().is_empty(),
+        "partial left behind: {:?}",
+        server.landing_listing()
+    );
+    assert!(server.events("close").is_empty());
+}
+
+#[test]
+fn egress_users_see_upload_and_a_read_only_download() {
+    let Some(setup) = setup("egress_users_see_upload_and_a_read_only_download") else {
+        return;
+    };
+    let egress_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(egress_dir.path().join("reports")).unwrap();
+    let report = egress_dir.path().join("reports/monthly report.csv");
+    random_file(&report, 3 << 20, 9);
+    let mut user = acme(&setup);
+    user.egress = Some(format!("file://{}", egress_dir.path().display()));
+    let server = Server::start(&[user], "", Landing::Local);
+
+    let output = server.sftp("acme", &setup.acme, "ls -1 /\nls -1 /download/reports\n");
+    assert_success(&output, "egress listing");
+    let listing = text(&output);
+    assert!(
+        listing.contains("upload") && listing.contains("download"),
+        "{listing}"
+    );
+    assert!(listing.contains("monthly report.csv"), "{listing}");
+
+    let copy = setup.keys.path().join("copy.csv");
+    let output = server.sftp(
+        "acme",
+        &setup.acme,
+        &format!(
+            "get \"/download/reports/monthly report.csv\" {}\n",
+            copy.display()
+        ),
+    );
+    assert_success(&output, "egress download");
+    assert_eq!(sha256_file(&copy), sha256_file(&report));
+
+    let upload = setup.keys.path().join("up.csv");
+    std::fs::write(&upload, b"x").unwrap();
+    for attempt in [
+        format!("put {} /download/new.csv", upload.display()),
+        "mkdir /download/new".to_string(),
+        "rm \"/download/reports/monthly report.csv\"".to_string(),
+        format!("put {} /top-level.csv", upload.display()),
+    ] {
+        assert_failure(
+            &server.sftp("acme", &setup.acme, &format!("{attempt}\n")),
+            &attempt,
+        );
+    }
+    assert!(report.exists());
+    assert!(!egress_dir.path().join("new.csv").exists());
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.acme,
+            &format!("put {} /upload/up.csv\n", upload.display()),
+        ),
+        "egress user upload",
+    );
+    assert_eq!(server.landed("acme", "up.csv").unwrap(), b"x");
+}
+
+#[test]
+fn egress_download_from_s3() {
+    let test = "egress_download_from_s3";
+    let Some(setup) = setup(test) else { return };
+    if !require("moto_server", test) || !require("python3", test) {
+        return;
+    }
+    let moto = Moto::start(&[
+        "landing-bucket",
+        "landing-bucket-quarantine",
+        "egress-bucket",
+    ]);
+    let report = setup.keys.path().join("report.bin");
+    random_file(&report, 20 << 20, 5);
+    moto.put("egress-bucket", "acme/out/report.bin", &report);
+    let mut user = acme(&setup);
+    user.egress = Some("s3://egress-bucket/acme".into());
+    let server = Server::start(
+        &[user],
+        "",
+        Landing::S3 {
+            endpoint: moto.endpoint.clone(),
+            bucket: "landing-bucket".into(),
+        },
+    );
+    let copy = setup.keys.path().join("copy.bin");
+    let output = server.sftp(
+        "acme",
+        &setup.acme,
+        &format!(
+            "ls /download/out\nget /download/out/report.bin {}\n",
+            copy.display()
+        ),
+    );
+    assert_success(&output, "download from S3 egress");
+    assert_eq!(sha256_file(&copy), sha256_file(&report));
+}
+
+#[test]
+fn invalid_configuration_stops_the_start_with_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ingestion.toml");
+    std::fs::write(&config, "[server]\nmax_file_size = \"lots\"\n[buckets]\nlanding = \"/tmp/l\"\nquarantine = \"/tmp/q\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingestion"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_failure(&output, "serve with a bad config");
+    let message = text(&output);
+    assert!(
+        message.contains("ingestion.toml:2:17") && message.contains("server.max_file_size"),
+        "{message}"
+    );
+    assert!(
+        !Path::new(&dir.path().join("state")).exists(),
+        "nothing may be created by a failed start"
+    );
+}
