@@ -91,7 +91,7 @@ fn sftp_uploads_are_byte_exact_on_local_disk() {
 #[test]
 fn sftp_uploads_are_byte_exact_on_s3() {
     let test = "sftp_uploads_are_byte_exact_on_s3";
-    if !require("moto_server", test) || !require("python3", test) {
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
         return;
     }
     let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine"]);
@@ -551,7 +551,7 @@ fn egress_users_see_upload_and_a_read_only_download() {
 fn egress_download_from_s3() {
     let test = "egress_download_from_s3";
     let Some(setup) = setup(test) else { return };
-    if !require("moto_server", test) || !require("python3", test) {
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
         return;
     }
     let moto = Moto::start(&[
