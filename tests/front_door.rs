@@ -54,6 +54,8 @@ fn byte_exact_uploads(landing: Landing, test: &str) {
     }
     assert_success(&server.sftp("acme", &setup.acme, &script), "sftp uploads");
     let closes = server.events("close");
+    let jobs = server.jobs();
+    assert_eq!(jobs.len(), sizes.len(), "{jobs:?}");
     for (name, size) in sizes {
         let local = setup.keys.path().join(name);
         let landed = server
@@ -72,7 +74,20 @@ fn byte_exact_uploads(landing: Landing, test: &str) {
             .unwrap_or_else(|| panic!("no close event for {name}"));
         assert_eq!(close["sha256"], expected.as_str());
         assert_eq!(close["bytes"], size);
-        assert!(close["job"].as_i64().unwrap() > 0);
+        let job = jobs
+            .iter()
+            .find(|job| job.path == format!("sub/{name}"))
+            .unwrap_or_else(|| panic!("no job for {name}: {jobs:?}"));
+        assert_eq!(
+            (job.id, job.size, job.sha256.as_str(), job.state.as_str()),
+            (
+                close["job"].as_i64().unwrap(),
+                size,
+                expected.as_str(),
+                "landed"
+            )
+        );
+        assert_eq!(job.username, "acme");
     }
     let listing = server.landing_listing();
     assert!(

@@ -243,6 +243,21 @@ impl Server {
             .collect()
     }
 
+    /// Jobs recorded in the server's state database, newest first.
+    pub fn jobs(&self) -> Vec<ingestion::state::Job> {
+        let database = ingestion::config::Database::Sqlite {
+            path: self.dir.path().join("state/ingestion.db"),
+        };
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            ingestion::state::State::open(&database)
+                .await
+                .unwrap()
+                .jobs(None)
+                .await
+                .unwrap()
+        })
+    }
+
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.path().join("known_hosts")
     }
