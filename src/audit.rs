@@ -88,6 +88,55 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// A file found in landing without a job was given one at start.
+    Adopted {
+        job: i64,
+        path: String,
+        bytes: u64,
+    },
+    Scanned {
+        job: i64,
+        path: String,
+        verdict: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+        engine: String,
+        scan_ms: i64,
+    },
+    Delivered {
+        job: i64,
+        path: String,
+        bytes: u64,
+        sha256: String,
+        destination: String,
+    },
+    Quarantined {
+        job: i64,
+        path: String,
+        bytes: u64,
+        sha256: String,
+        /// `infected` or `unscannable`.
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+    },
+    JobRetrying {
+        job: i64,
+        path: String,
+        attempts: u32,
+        retry_in_ms: u64,
+        error: String,
+    },
+    JobFailed {
+        job: i64,
+        path: String,
+        attempts: u32,
+        error: String,
+    },
+    /// An operator asked for a job to be tried again.
+    JobRetryRequested {
+        job: i64,
+    },
 }
 
 #[derive(Serialize)]

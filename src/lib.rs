@@ -9,6 +9,8 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod hostkey;
+pub mod pipeline;
+pub mod scan;
 pub mod sftp;
 pub mod state;
 pub mod storage;

@@ -26,12 +26,7 @@ fn setup(test: &str) -> Option<Setup> {
 }
 
 fn acme<'a>(setup: &'a Setup) -> UserSpec<'a> {
-    UserSpec {
-        name: "acme",
-        keys: vec![&setup.acme],
-        allowed_ips: vec!["127.0.0.1/32"],
-        egress: None,
-    }
+    UserSpec::new("acme", &setup.acme)
 }
 
 /// Uploads 0 B, 1 B, 1 MiB and 200 MiB with sftp and checks every byte and the recorded sha256.

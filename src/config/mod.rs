@@ -10,13 +10,16 @@ mod user;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::pipeline::Settings as PipelineSettings;
+use crate::scan::ClamdAddress;
 use crate::storage::Location;
 pub use problem::{FileReporter, Problem, Problems};
-pub use user::{Egress, User, Users, canonical_ip};
+pub use user::{Egress, SharedUsers, User, Users, canonical_ip};
 
 /// The validated service configuration.
 ///
@@ -33,6 +36,22 @@ pub struct Config {
     pub state: State,
     /// The folder holding one TOML file per user.
     pub users_dir: PathBuf,
+    pub scanner: Scanner,
+    pub pipeline: PipelineSettings,
+}
+
+/// Which malware scanner runs.
+///
+/// # Defaults
+/// `clamd` at `unix:///run/clamav/clamd.ctl` (Debian's socket) with a 120 s timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scanner {
+    Clamd {
+        address: ClamdAddress,
+        timeout: Duration,
+    },
+    /// EICAR and a SHA-256 blocklist only: not an antivirus.
+    Builtin { blocklist: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +91,39 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     users: RawUsers,
+    #[serde(default)]
+    scanner: RawScanner,
+    #[serde(default)]
+    pipeline: RawPipeline,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScanner {
+    /// `clamd` (production) or `builtin` (EICAR + blocklist; not an antivirus).
+    engine: Option<Spanned<String>>,
+    /// `tcp://host:port` or `unix:///path`.
+    clamd: Option<Spanned<String>>,
+    /// Longest a scan may take, e.g. "120s".
+    timeout: Option<Spanned<String>>,
+    /// SHA-256 digests the builtin engine treats as infected.
+    #[serde(default)]
+    blocklist_sha256: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    /// Jobs processed at once.
+    workers: Option<Spanned<i64>>,
+    /// How long a worker owns a job before another may take it over (renewed while working).
+    lease: Option<Spanned<String>>,
+    /// First wait before retrying a failed step; doubles each time.
+    retry_base: Option<Spanned<String>>,
+    /// Longest wait between retries.
+    retry_cap: Option<Spanned<String>>,
+    /// Failed attempts before a job is marked failed.
+    max_attempts: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -111,6 +163,14 @@ struct RawUsers {
 }
 
 impl Config {
+    /// The folder relative paths are taken from: the configuration file's.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// Reads and validates the configuration file and every user file, reporting all problems at once.
     pub fn load(file: &Path) -> Result<(Config, Users), Problems> {
         let text = std::fs::read_to_string(file).map_err(|error| {
@@ -122,7 +182,7 @@ impl Config {
             problems
         })?;
         let config = Config::parse(file, &text)?;
-        let users = Users::load_dir(&config.users_dir)?;
+        let users = Users::load_dir(&config.users_dir, &config.base_dir())?;
         Ok((config, users))
     }
 
@@ -202,6 +262,8 @@ impl Config {
                 }
             },
         };
+        let scanner = parse_scanner(&raw.scanner, &mut report);
+        let pipeline = parse_pipeline(&raw.pipeline, &mut report);
 
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
@@ -229,6 +291,8 @@ impl Config {
                     },
                     state: State { database },
                     users_dir: relative(&raw.users.dir, "users"),
+                    scanner,
+                    pipeline,
                 })
             }
             _ => Err(problems),
@@ -246,6 +310,155 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err("a size of zero would refuse every upload; write e.g. \"5 GiB\"".into());
     }
     Ok(size.as_u64())
+}
+
+/// Parses a human duration ("120s", "5m", "1h 30m").
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| format!("`{text}` is not a duration; write e.g. \"120s\", \"5m\" or \"1h\""))
+}
+
+fn duration_field(
+    report: &mut FileReporter,
+    field: &str,
+    value: &Option<Spanned<String>>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(value) => parse_duration(value.get_ref()).unwrap_or_else(|message| {
+            report.at(Some(value.span()), field, message);
+            default
+        }),
+    }
+}
+
+fn count_field(
+    report: &mut FileReporter,
+    field: &str,
+    value: &Option<Spanned<i64>>,
+    default: u32,
+    max: u32,
+) -> u32 {
+    match value {
+        None => default,
+        Some(value) => match u32::try_from(*value.get_ref()) {
+            Ok(count) if (1..=max).contains(&count) => count,
+            _ => {
+                report.at(
+                    Some(value.span()),
+                    field,
+                    format!("must be a whole number from 1 to {max}"),
+                );
+                default
+            }
+        },
+    }
+}
+
+fn parse_scanner(raw: &RawScanner, report: &mut FileReporter) -> Scanner {
+    let engine = raw
+        .engine
+        .as_ref()
+        .map_or("clamd", |engine| engine.get_ref().as_str());
+    let timeout = duration_field(
+        report,
+        "scanner.timeout",
+        &raw.timeout,
+        Duration::from_secs(120),
+    );
+    match engine {
+        "clamd" => {
+            let address = match &raw.clamd {
+                None => ClamdAddress::Unix(PathBuf::from("/run/clamav/clamd.ctl")),
+                Some(text) => ClamdAddress::parse(text.get_ref()).unwrap_or_else(|message| {
+                    report.at(Some(text.span()), "scanner.clamd", message);
+                    ClamdAddress::Unix(PathBuf::from("/run/clamav/clamd.ctl"))
+                }),
+            };
+            if let Some(first) = raw.blocklist_sha256.first() {
+                report.at(
+                    Some(first.span()),
+                    "scanner.blocklist_sha256",
+                    "the blocklist is used by the builtin engine only; remove it or set engine = \"builtin\"",
+                );
+            }
+            Scanner::Clamd { address, timeout }
+        }
+        "builtin" => {
+            let mut blocklist = Vec::new();
+            for (index, digest) in raw.blocklist_sha256.iter().enumerate() {
+                let text = digest.get_ref().trim().to_ascii_lowercase();
+                if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    blocklist.push(text);
+                } else {
+                    report.at(
+                        Some(digest.span()),
+                        &format!("scanner.blocklist_sha256[{index}]"),
+                        "not a SHA-256 digest (64 hex digits)",
+                    );
+                }
+            }
+            Scanner::Builtin { blocklist }
+        }
+        other => {
+            let span = raw.engine.as_ref().map(Spanned::span);
+            report.at(
+                span,
+                "scanner.engine",
+                format!("`{other}` is not an engine; use \"clamd\" or \"builtin\""),
+            );
+            Scanner::Builtin {
+                blocklist: Vec::new(),
+            }
+        }
+    }
+}
+
+fn parse_pipeline(raw: &RawPipeline, report: &mut FileReporter) -> PipelineSettings {
+    let defaults = PipelineSettings::default();
+    let settings = PipelineSettings {
+        workers: count_field(report, "pipeline.workers", &raw.workers, 2, 256) as usize,
+        lease: duration_field(report, "pipeline.lease", &raw.lease, defaults.lease),
+        retry_base: duration_field(
+            report,
+            "pipeline.retry_base",
+            &raw.retry_base,
+            defaults.retry_base,
+        ),
+        retry_cap: duration_field(
+            report,
+            "pipeline.retry_cap",
+            &raw.retry_cap,
+            defaults.retry_cap,
+        ),
+        max_attempts: count_field(
+            report,
+            "pipeline.max_attempts",
+            &raw.max_attempts,
+            defaults.max_attempts,
+            1000,
+        ),
+    };
+    if settings.lease < Duration::from_secs(1)
+        && let Some(lease) = &raw.lease
+    {
+        report.at(
+            Some(lease.span()),
+            "pipeline.lease",
+            "a lease shorter than 1s would be lost while working",
+        );
+    }
+    if settings.retry_cap < settings.retry_base
+        && let Some(cap) = &raw.retry_cap
+    {
+        report.at(
+            Some(cap.span()),
+            "pipeline.retry_cap",
+            "must not be shorter than pipeline.retry_base",
+        );
+    }
+    settings
 }
 
 fn parse_database(url: &str, base: &Path) -> Result<Database, String> {
@@ -338,6 +551,43 @@ database = "mysql://x"
         assert_eq!(parse_size("1000"), Ok(1000));
         assert!(parse_size("0").is_err());
         assert!(parse_size("five").is_err());
+    }
+
+    #[test]
+    fn scanner_and_pipeline_sections() {
+        let config = Config::parse(Path::new("c.toml"), MINIMAL).unwrap();
+        assert_eq!(
+            config.scanner,
+            Scanner::Clamd {
+                address: ClamdAddress::Unix("/run/clamav/clamd.ctl".into()),
+                timeout: Duration::from_secs(120)
+            }
+        );
+        assert_eq!(config.pipeline.workers, 2);
+        let text = format!(
+            "{MINIMAL}[scanner]\nengine = \"builtin\"\nblocklist_sha256 = [\"{}\"]\n[pipeline]\nlease = \"2s\"\nworkers = 4\n",
+            "AB".repeat(32)
+        );
+        let config = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(
+            config.scanner,
+            Scanner::Builtin {
+                blocklist: vec!["ab".repeat(32)]
+            }
+        );
+        assert_eq!(
+            (config.pipeline.lease, config.pipeline.workers),
+            (Duration::from_secs(2), 4)
+        );
+        let text = format!(
+            "{MINIMAL}[scanner]\nengine = \"clamav\"\ntimeout = \"soon\"\n[pipeline]\nworkers = 0\n"
+        );
+        let problems = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["scanner.timeout", "scanner.engine", "pipeline.workers"]
+        );
     }
 
     #[test]

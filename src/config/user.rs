@@ -64,6 +64,27 @@ pub fn canonical_ip(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The current users, shared by the front door and the pipeline and replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct SharedUsers {
+    current: std::sync::RwLock<Arc<Users>>,
+}
+
+impl SharedUsers {
+    pub fn new(users: Users) -> SharedUsers {
+        SharedUsers {
+            current: std::sync::RwLock::new(Arc::new(users)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Users> {
+        match self.current.read() {
+            Ok(users) => users.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
 /// All users, by username.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
@@ -87,8 +108,9 @@ impl Users {
         self.by_name.is_empty()
     }
 
-    /// Reads every `*.toml` file of `dir`, reporting every problem in every file.
-    pub fn load_dir(dir: &Path) -> Result<Users, Problems> {
+    /// Reads every `*.toml` file of `dir`, reporting every problem in every file. Relative local
+    /// locations in user files are relative to `base`, the folder of the main configuration file.
+    pub fn load_dir(dir: &Path, base: &Path) -> Result<Users, Problems> {
         let mut problems = Problems::default();
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
@@ -109,7 +131,7 @@ impl Users {
         let mut users = Vec::new();
         for file in files {
             match std::fs::read_to_string(&file) {
-                Ok(text) => match parse_user(&file, &text) {
+                Ok(text) => match parse_user(&file, &text, base) {
                     Ok(user) => users.push(user),
                     Err(found) => problems.extend(found),
                 },
@@ -179,8 +201,8 @@ struct RawEgress {
     kms_key: Option<Spanned<String>>,
 }
 
-/// Validates one user file's text (no I/O).
-pub fn parse_user(file: &Path, text: &str) -> Result<User, Problems> {
+/// Validates one user file's text (no I/O); relative local locations are taken relative to `base`.
+pub fn parse_user(file: &Path, text: &str, base: &Path) -> Result<User, Problems> {
     let mut report = FileReporter::new(file, text);
     let raw: RawUser = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -189,7 +211,6 @@ pub fn parse_user(file: &Path, text: &str) -> Result<User, Problems> {
             return Err(report.finish());
         }
     };
-    let base = file.parent().unwrap_or(Path::new("."));
 
     let username = raw.username.get_ref().clone();
     if let Err(message) = check_username(&username) {
@@ -417,7 +438,12 @@ mod tests {
 
     #[test]
     fn valid_user_parses() {
-        let user = parse_user(Path::new("/u/acme.toml"), &user_text("")).unwrap();
+        let user = parse_user(
+            Path::new("/u/acme.toml"),
+            &user_text(""),
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap();
         assert_eq!(user.username, "acme");
         assert!(user.ip_allowed("203.0.113.7".parse().unwrap()));
         assert!(user.ip_allowed("::ffff:203.0.113.7".parse().unwrap()));
@@ -427,7 +453,12 @@ mod tests {
 
     #[test]
     fn stem_must_match_username() {
-        let problems = parse_user(Path::new("/u/other.toml"), &user_text("")).unwrap_err();
+        let problems = parse_user(
+            Path::new("/u/other.toml"),
+            &user_text(""),
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap_err();
         assert_eq!(problems.0[0].field, "username");
         assert!(problems.0[0].message.contains("other.toml"));
     }
@@ -435,7 +466,12 @@ mod tests {
     #[test]
     fn egress_parses() {
         let text = user_text("[egress]\nlocation = \"s3://egress-bucket/acme\"\n");
-        let user = parse_user(Path::new("/u/acme.toml"), &text).unwrap();
+        let user = parse_user(
+            Path::new("/u/acme.toml"),
+            &text,
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap();
         assert!(user.egress.is_some());
     }
 
@@ -444,7 +480,12 @@ mod tests {
         let text = "username = \"Acme!\"\nname = \"\"\nemail = \"nope\"\nssh_keys = [\"ssh-ed25519 garbage\"]\n\
                     allowed_ips = [\"10.0.0.1/8\"]\ndestination = \"ftp://x\"\n\
                     destination_kms_key = \"key\"\n";
-        let problems = parse_user(Path::new("/u/Acme!.toml"), text).unwrap_err();
+        let problems = parse_user(
+            Path::new("/u/Acme!.toml"),
+            text,
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap_err();
         let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -498,7 +539,12 @@ mod tests {
 
     #[test]
     fn shared_key_is_refused() {
-        let a = parse_user(Path::new("/u/acme.toml"), &user_text("")).unwrap();
+        let a = parse_user(
+            Path::new("/u/acme.toml"),
+            &user_text(""),
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap();
         let mut b = a.clone();
         b.username = "other".into();
         let mut problems = Problems::default();

@@ -15,7 +15,7 @@ use russh_sftp::protocol::{File, FileAttributes, OpenFlags, StatusCode};
 
 use super::paths::{PathError, VirtualPath};
 use crate::config::User;
-use crate::state::{State, StateError};
+use crate::state::{PathBusy, State, StateError};
 use crate::storage::{Bucket, Download, Upload};
 
 /// Most entries one directory listing may return.
@@ -104,6 +104,11 @@ pub enum Opened {
     Download(Download),
 }
 
+/// How long the SFTP side may hold a path's jobs while it changes the file.
+pub const HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a rename or remove waits for the pipeline to let go of a path.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One user's view of the buckets.
 pub struct UserView {
     user: Arc<User>,
@@ -111,6 +116,8 @@ pub struct UserView {
     egress: Option<Bucket>,
     state: State,
     max_file_size: u64,
+    /// Lease owner name for this session's holds on paths.
+    holder: String,
 }
 
 impl UserView {
@@ -120,6 +127,7 @@ impl UserView {
         egress: Option<Bucket>,
         state: State,
         max_file_size: u64,
+        session: &str,
     ) -> UserView {
         UserView {
             user,
@@ -127,11 +135,52 @@ impl UserView {
             egress,
             state,
             max_file_size,
+            holder: format!("sftp:{session}"),
         }
     }
 
     pub fn username(&self) -> &str {
         &self.user.username
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Holds the jobs of a home path so that the pipeline leaves them alone (see `State::hold_path`).
+    pub async fn hold(&self, relative: &str) -> Result<Result<(), PathBusy>, StateError> {
+        self.state
+            .hold_path(&self.user.username, relative, &self.holder, HOLD)
+            .await
+    }
+
+    /// Holds a path for a change, waiting a little while a scan attempt has it (a retry against an
+    /// unreachable scanner takes it only briefly); refuses if it stays busy.
+    async fn hold_or_refuse(&self, home: &VirtualPath, shown: &VirtualPath) -> Result<(), SftpError> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            match self.hold(&home.relative()).await? {
+                Ok(()) => return Ok(()),
+                Err(PathBusy) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(PathBusy) => {
+                    return Err(SftpError::failure(format!(
+                        "{shown} is being scanned and delivered and can no longer be changed"
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn release(&self, home: &VirtualPath) {
+        if let Err(error) = self
+            .state
+            .release_path(&self.user.username, &home.relative(), &self.holder)
+            .await
+        {
+            tracing::warn!(%error, "cannot release a hold on a path; it expires by itself");
+        }
     }
 
     fn area(&self, path: &VirtualPath) -> Result<Area, SftpError> {
@@ -395,9 +444,13 @@ impl UserView {
         match self.stat(path).await? {
             Entry::Folder => Err(SftpError::failure(format!("{path} is a folder; use rmdir"))),
             Entry::File { .. } => {
-                self.landing.store().delete(&self.home_key(&home)).await?;
+                self.hold_or_refuse(&home, path).await?;
+                if let Err(error) = self.landing.store().delete(&self.home_key(&home)).await {
+                    self.release(&home).await;
+                    return Err(error.into());
+                }
                 self.state
-                    .remove_landed(&self.user.username, &home.relative())
+                    .remove_landed(&self.user.username, &home.relative(), &self.holder)
                     .await?;
                 Ok(())
             }
@@ -427,17 +480,45 @@ impl UserView {
             Err(error) if error.code == StatusCode::NoSuchFile => {}
             Err(error) => return Err(error),
         }
+        self.hold_or_refuse(&from_home, from).await?;
+        if let Err(error) = self.hold_or_refuse(&to_home, to).await {
+            self.release(&from_home).await;
+            return Err(error);
+        }
+        let moved = self.move_entry(&entry, &from_home, &to_home, from).await;
+        if moved.is_ok() {
+            if overwrite {
+                self.state
+                    .remove_landed(&self.user.username, &to_home.relative(), &self.holder)
+                    .await?;
+            }
+            self.state
+                .rename_landed(
+                    &self.user.username,
+                    &from_home.relative(),
+                    &to_home.relative(),
+                    &self.holder,
+                )
+                .await?;
+        }
+        self.release(&from_home).await;
+        self.release(&to_home).await;
+        moved
+    }
+
+    async fn move_entry(
+        &self,
+        entry: &Entry,
+        from_home: &VirtualPath,
+        to_home: &VirtualPath,
+        from: &VirtualPath,
+    ) -> Result<(), SftpError> {
         match entry {
             Entry::File { .. } => {
                 self.landing
                     .store()
-                    .rename(&self.home_key(&from_home), &self.home_key(&to_home))
+                    .rename(&self.home_key(from_home), &self.home_key(to_home))
                     .await?;
-                if overwrite {
-                    self.state
-                        .remove_landed(&self.user.username, &to_home.relative())
-                        .await?;
-                }
             }
             Entry::Folder => {
                 if self.list(from).await?.len() > 2 {
@@ -446,8 +527,8 @@ impl UserView {
                          rename the files instead"
                     )));
                 }
-                let (from_parent, from_name) = Self::folder_row(&from_home);
-                let (to_parent, to_name) = Self::folder_row(&to_home);
+                let (from_parent, from_name) = Self::folder_row(from_home);
+                let (to_parent, to_name) = Self::folder_row(to_home);
                 self.state
                     .rename_folder(
                         &self.user.username,
@@ -457,13 +538,6 @@ impl UserView {
                     .await?;
             }
         }
-        self.state
-            .rename_landed(
-                &self.user.username,
-                &from_home.relative(),
-                &to_home.relative(),
-            )
-            .await?;
         Ok(())
     }
 

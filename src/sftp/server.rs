@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKey, PublicKey};
@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::fs::UserView;
 use super::session::{self, SessionContext};
 use crate::audit::{Audit, Event, Subject};
-use crate::config::{User, Users};
+use crate::config::{SharedUsers, User, Users};
 use crate::state::State;
 use crate::storage::Bucket;
 
@@ -97,7 +97,8 @@ pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
 
 /// What every connection shares.
 pub struct FrontDoor {
-    users: RwLock<Arc<Users>>,
+    users: Arc<SharedUsers>,
+    landed: Arc<tokio::sync::Notify>,
     landing: Bucket,
     state: State,
     audit: Arc<Audit>,
@@ -107,7 +108,8 @@ pub struct FrontDoor {
 
 impl FrontDoor {
     pub fn new(
-        users: Users,
+        users: Arc<SharedUsers>,
+        landed: Arc<tokio::sync::Notify>,
         landing: Bucket,
         state: State,
         audit: Arc<Audit>,
@@ -115,7 +117,8 @@ impl FrontDoor {
         ssh: russh::server::Config,
     ) -> FrontDoor {
         FrontDoor {
-            users: RwLock::new(Arc::new(users)),
+            users,
+            landed,
             landing,
             state,
             audit,
@@ -125,10 +128,7 @@ impl FrontDoor {
     }
 
     fn users(&self) -> Arc<Users> {
-        match self.users.read() {
-            Ok(users) => users.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.users.current()
     }
 
     /// Accepts connections until the listener fails.
@@ -175,6 +175,14 @@ impl FrontDoor {
             },
         );
     }
+}
+
+fn session_of(subject: &Mutex<Subject>) -> String {
+    subject
+        .lock()
+        .ok()
+        .and_then(|subject| subject.session.clone())
+        .unwrap_or_default()
 }
 
 fn session_id() -> String {
@@ -376,10 +384,12 @@ impl Handler for Connection {
                 egress,
                 self.door.state.clone(),
                 self.door.max_file_size,
+                &session_of(&self.subject),
             ),
             state: self.door.state.clone(),
             audit: self.door.audit.clone(),
             subject: self.subject(None),
+            landed: self.door.landed.clone(),
         });
         let handle = session.handle();
         tokio::spawn(async move {

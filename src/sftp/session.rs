@@ -48,6 +48,8 @@ pub struct SessionContext {
     pub state: State,
     pub audit: Arc<Audit>,
     pub subject: Subject,
+    /// Woken whenever a job is recorded, so the pipeline starts at once.
+    pub landed: Arc<tokio::sync::Notify>,
 }
 
 impl SessionContext {
@@ -739,6 +741,34 @@ async fn run_upload(
     }
 }
 
+/// How long a CLOSE waits for the pipeline to finish with an earlier upload of the same path.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Holds the path so that the pipeline does not process an older upload of it while this one
+/// replaces it; waits (bounded) while it is being processed.
+async fn hold_for_replacement(ctx: &SessionContext, relative: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match ctx.view.hold(relative).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_busy)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Ok(Err(_busy)) => {
+                return Err(
+                    "an earlier upload of this file is still being scanned and delivered; \
+                            upload it again in a moment"
+                        .into(),
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot hold a path before completing an upload");
+                return Err("the server could not record this upload; upload it again".into());
+            }
+        }
+    }
+}
+
 /// Completes the object, records the job, and only then acknowledges the CLOSE.
 async fn finish_upload(
     ctx: &SessionContext,
@@ -747,10 +777,21 @@ async fn finish_upload(
     received: u64,
     id: u32,
 ) -> Packet {
+    let relative = ctx.view.home_relative(path);
+    if let Err(reason) = hold_for_replacement(ctx, &relative).await {
+        upload.abort().await;
+        ctx.audit(Event::UploadAborted {
+            path: path.to_string(),
+            bytes_received: received,
+            reason: reason.clone(),
+        });
+        return status(id, StatusCode::Failure, reason);
+    }
     let uploaded = match upload.finish().await {
         Ok(uploaded) => uploaded,
         Err(error) => {
             let reason = error.to_string();
+            release_hold(ctx, &relative).await;
             ctx.audit(Event::UploadAborted {
                 path: path.to_string(),
                 bytes_received: received,
@@ -759,7 +800,6 @@ async fn finish_upload(
             return status(id, StatusCode::Failure, reason);
         }
     };
-    let relative = ctx.view.home_relative(path);
     let session = ctx.subject.session.clone().unwrap_or_default();
     let job = NewJob {
         username: ctx.view.username(),
@@ -768,8 +808,11 @@ async fn finish_upload(
         sha256: &uploaded.sha256,
         session: &session,
     };
-    match ctx.state.record_upload(&job).await {
+    let recorded = ctx.state.record_upload(&job, ctx.view.holder()).await;
+    release_hold(ctx, &relative).await;
+    match recorded {
         Ok(job) => {
+            ctx.landed.notify_one();
             ctx.audit(Event::Close {
                 path: path.to_string(),
                 bytes: uploaded.size,
@@ -786,6 +829,16 @@ async fn finish_upload(
                 "the file was stored but could not be recorded; upload it again",
             )
         }
+    }
+}
+
+async fn release_hold(ctx: &SessionContext, relative: &str) {
+    if let Err(error) = ctx
+        .state
+        .release_path(ctx.view.username(), relative, ctx.view.holder())
+        .await
+    {
+        tracing::warn!(%error, "cannot release a hold on a path; it expires by itself");
     }
 }
 

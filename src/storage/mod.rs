@@ -52,6 +52,14 @@ pub struct Bucket {
 impl Bucket {
     /// Opens the store behind `location`. Local folders are created if missing.
     pub fn open(location: &Location) -> Result<Bucket, StorageError> {
+        Bucket::open_with_kms(location, None)
+    }
+
+    /// Opens the store behind `location`, writing to S3 with SSE-KMS under `kms_key` when given.
+    pub fn open_with_kms(
+        location: &Location,
+        kms_key: Option<&str>,
+    ) -> Result<Bucket, StorageError> {
         let (store, prefix, part_size): (Arc<dyn ObjectStore>, Vec<String>, usize) = match location
         {
             Location::Local { root } => {
@@ -76,6 +84,9 @@ impl Bucket {
                     .unwrap_or_default();
                 if endpoint.starts_with("http://") {
                     builder = builder.with_allow_http(true);
+                }
+                if let Some(kms_key) = kms_key {
+                    builder = builder.with_sse_kms_encryption(kms_key);
                 }
                 let store = builder.build().map_err(|source| StorageError::Open {
                     location: location.to_string(),
@@ -114,6 +125,21 @@ impl Bucket {
     /// Starts a streaming upload to `key` that accepts at most `max_size` bytes.
     pub fn upload(&self, key: ObjectPath, max_size: u64) -> Upload {
         Upload::new(self.store.clone(), key, self.part_size, max_size)
+    }
+
+    /// Like [`Bucket::upload`], storing `metadata` with the object: as S3 user metadata
+    /// (`x-amz-meta-*`) and tags. Local folders cannot hold metadata, so there it is not stored.
+    pub fn upload_with_metadata(
+        &self,
+        key: ObjectPath,
+        max_size: u64,
+        metadata: &[(&str, String)],
+    ) -> Upload {
+        let upload = self.upload(key, max_size);
+        match self.location {
+            Location::Local { .. } => upload,
+            Location::S3 { .. } => upload.with_metadata(metadata),
+        }
     }
 
     /// Opens `key` for sequential reading with bounded memory.

@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use object_store::path::Path as ObjectPath;
-use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    Attribute, AttributeValue, Attributes, MultipartUpload, ObjectStore, PutMultipartOptions,
+    PutOptions, PutPayload, TagSet,
+};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
@@ -46,6 +49,8 @@ pub enum UploadError {
     Task(#[from] tokio::task::JoinError),
     #[error("the upload already failed: {0}")]
     Failed(String),
+    #[error("the bytes read have SHA-256 {actual} but {expected} was expected; nothing was stored")]
+    Mismatch { expected: String, actual: String },
 }
 
 /// What a finished upload stored.
@@ -72,6 +77,11 @@ pub struct Upload {
     multipart: Option<Box<dyn MultipartUpload>>,
     in_flight: VecDeque<JoinHandle<object_store::Result<()>>>,
     failed: Option<String>,
+    /// Stored with the object (S3 metadata and tags).
+    tags: TagSet,
+    attributes: Attributes,
+    /// When set, the object is published only if its SHA-256 is this.
+    expected_sha256: Option<String>,
 }
 
 impl Upload {
@@ -94,7 +104,28 @@ impl Upload {
             multipart: None,
             in_flight: VecDeque::new(),
             failed: None,
+            tags: TagSet::default(),
+            attributes: Attributes::new(),
+            expected_sha256: None,
         }
+    }
+
+    /// Stores `metadata` as object metadata and tags.
+    pub(super) fn with_metadata(mut self, metadata: &[(&str, String)]) -> Upload {
+        for (key, value) in metadata {
+            self.tags.push(key, value);
+            self.attributes.insert(
+                Attribute::Metadata((*key).to_string().into()),
+                AttributeValue::from(value.clone()),
+            );
+        }
+        self
+    }
+
+    /// Publishes the object only if its bytes hash to `sha256`; otherwise nothing is stored.
+    pub fn expect_sha256(mut self, sha256: &str) -> Upload {
+        self.expected_sha256 = Some(sha256.to_string());
+        self
     }
 
     /// Bytes accepted so far in one contiguous run from offset 0.
@@ -196,7 +227,12 @@ impl Upload {
         self.hasher.update(&part);
         self.sealed += part.len() as u64;
         if self.multipart.is_none() {
-            self.multipart = Some(self.store.put_multipart(&self.key).await?);
+            let options = PutMultipartOptions {
+                tags: self.tags.clone(),
+                attributes: self.attributes.clone(),
+                ..PutMultipartOptions::default()
+            };
+            self.multipart = Some(self.store.put_multipart_opts(&self.key, options).await?);
         }
         if let Some(multipart) = self.multipart.as_mut() {
             let upload_part = multipart.put_part(PutPayload::from(part));
@@ -235,7 +271,16 @@ impl Upload {
         if self.multipart.is_none() {
             self.hasher.update(&last);
             self.sealed += last.len() as u64;
-            self.store.put(&self.key, PutPayload::from(last)).await?;
+            let uploaded = self.verified()?;
+            let options = PutOptions {
+                tags: self.tags.clone(),
+                attributes: self.attributes.clone(),
+                ..PutOptions::default()
+            };
+            self.store
+                .put_opts(&self.key, PutPayload::from(last), options)
+                .await?;
+            Ok(uploaded)
         } else {
             if !last.is_empty() {
                 self.send_part(last).await?;
@@ -243,15 +288,29 @@ impl Upload {
             while let Some(part) = self.in_flight.pop_front() {
                 part.await??;
             }
+            let uploaded = self.verified()?;
             if let Some(multipart) = self.multipart.as_mut() {
                 multipart.complete().await?;
             }
             self.multipart = None;
+            Ok(uploaded)
         }
-        let digest = std::mem::take(&mut self.hasher).finalize();
+    }
+
+    /// The size and SHA-256 of every byte, checked against the expected SHA-256 if there is one.
+    fn verified(&self) -> Result<Uploaded, UploadError> {
+        let sha256 = hex(&self.hasher.clone().finalize());
+        if let Some(expected) = &self.expected_sha256
+            && *expected != sha256
+        {
+            return Err(UploadError::Mismatch {
+                expected: expected.clone(),
+                actual: sha256,
+            });
+        }
         Ok(Uploaded {
             size: self.sealed,
-            sha256: hex(&digest),
+            sha256,
         })
     }
 
@@ -282,6 +341,7 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
     async fn run(
@@ -367,6 +427,25 @@ mod tests {
         assert!(matches!(error, UploadError::TooLarge { limit: 10 }));
         assert!(upload.finish().await.is_err());
         assert!(store.head(&key).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_sha256_mismatch_publishes_nothing() {
+        for part_size in [2, 1000] {
+            let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            let key = ObjectPath::from("f");
+            let mut upload = Upload::new(store.clone(), key.clone(), part_size, 100)
+                .expect_sha256(&sha(b"other"));
+            upload.write(0, Bytes::from_static(b"hello")).await.unwrap();
+            let error = upload.finish().await.unwrap_err();
+            assert!(matches!(error, UploadError::Mismatch { .. }), "{error}");
+            assert!(store.head(&key).await.is_err());
+            let mut upload = Upload::new(store.clone(), key.clone(), part_size, 100)
+                .expect_sha256(&sha(b"hello"));
+            upload.write(0, Bytes::from_static(b"hello")).await.unwrap();
+            upload.finish().await.unwrap();
+            assert!(store.head(&key).await.is_ok());
+        }
     }
 
     #[test]

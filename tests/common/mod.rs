@@ -120,7 +120,27 @@ pub struct UserSpec<'a> {
     pub keys: Vec<&'a Key>,
     pub allowed_ips: Vec<&'a str>,
     pub egress: Option<String>,
+    /// Defaults to `buckets/delivered/<name>` beside the config.
+    pub destination: Option<String>,
+    pub destination_kms_key: Option<String>,
 }
+
+impl<'a> UserSpec<'a> {
+    pub fn new(name: &'a str, key: &'a Key) -> UserSpec<'a> {
+        UserSpec {
+            name,
+            keys: vec![key],
+            allowed_ips: vec!["127.0.0.1/32"],
+            egress: None,
+            destination: None,
+            destination_kms_key: None,
+        }
+    }
+}
+
+/// Config sections for servers that test the front door alone: a clamd address where nothing
+/// listens, so every upload stays in landing.
+pub const NO_SCANNER: &str = "[scanner]\nengine = \"clamd\"\nclamd = \"tcp://127.0.0.1:9\"\n";
 
 /// Where the landing bucket is.
 #[derive(Clone)]
@@ -138,7 +158,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// A front-door server: uploads are never scanned, so they stay in landing.
     pub fn start(users: &[UserSpec], extra_server: &str, landing: Landing) -> Server {
+        Server::launch(users, extra_server, NO_SCANNER, landing, &[])
+    }
+
+    /// A server with `sections` (scanner, pipeline, …) appended to its config and `env` set.
+    pub fn launch(
+        users: &[UserSpec],
+        extra_server: &str,
+        sections: &str,
+        landing: Landing,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("users")).unwrap();
         let port = free_port();
@@ -156,7 +188,7 @@ impl Server {
             dir.path().join("ingestion.toml"),
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n{extra_server}\n[buckets]\nlanding = \"{landing_url}\"\n\
-                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n"
+                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n{sections}"
             ),
         )
         .unwrap();
@@ -176,29 +208,28 @@ impl Server {
                 .as_ref()
                 .map(|location| format!("[egress]\nlocation = \"{location}\"\n"))
                 .unwrap_or_default();
+            let destination = user
+                .destination
+                .clone()
+                .unwrap_or_else(|| format!("buckets/delivered/{}", user.name));
+            let kms = user
+                .destination_kms_key
+                .as_ref()
+                .map(|key| format!("destination_kms_key = \"{key}\"\n"))
+                .unwrap_or_default();
             std::fs::write(
                 dir.path().join(format!("users/{}.toml", user.name)),
                 format!(
                     "username = \"{}\"\nname = \"Test Supplier\"\nemail = \"test.supplier@example.org\"\n\
-                     ssh_keys = [{}]\nallowed_ips = [{}]\ndestination = \"buckets/delivered/{}\"\n{egress}",
+                     ssh_keys = [{}]\nallowed_ips = [{}]\ndestination = \"{destination}\"\n{kms}{egress}",
                     user.name,
                     keys.join(", "),
                     ips.join(", "),
-                    user.name
                 ),
             )
             .unwrap();
         }
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ingestion"));
-        command
-            .args(["serve", "--config"])
-            .arg(dir.path().join("ingestion.toml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap());
-        if let Landing::S3 { endpoint, .. } = &landing {
-            s3_env(&mut command, endpoint);
-        }
-        let child = command.spawn().unwrap();
+        let child = spawn_server(dir.path(), &landing, env);
         let mut server = Server {
             dir,
             port,
@@ -207,6 +238,62 @@ impl Server {
         };
         server.wait_ready();
         server
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up) and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the server again on the same folders and port.
+    pub fn restart(&mut self, env: &[(&str, &str)]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(self.dir.path(), &self.landing, env);
+        self.wait_ready();
+    }
+
+    /// Runs an `ingestion` command against this server's configuration.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingestion"));
+        command
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("ingestion.toml"));
+        command.output().unwrap()
+    }
+
+    /// Waits (up to `seconds`) until `done` holds for the jobs, returning them.
+    pub fn wait_for_jobs(
+        &self,
+        seconds: u64,
+        what: &str,
+        done: impl Fn(&[ingestion::state::Job]) -> bool,
+    ) -> Vec<ingestion::state::Job> {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let jobs = self.jobs();
+            if done(&jobs) {
+                return jobs;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; jobs: {jobs:#?}\nserver log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Files under a local folder of the server (`buckets/delivered`, `buckets/quarantine`, …).
+    pub fn files_in(&self, folder: &str) -> Vec<String> {
+        let root = self.dir.path().join(folder);
+        let mut found = Vec::new();
+        walk(&root, &root, &mut found);
+        found.sort();
+        found
     }
 
     fn wait_ready(&mut self) {
@@ -252,7 +339,7 @@ impl Server {
             ingestion::state::State::open(&database)
                 .await
                 .unwrap()
-                .jobs(None)
+                .jobs(&ingestion::state::JobFilter::default())
                 .await
                 .unwrap()
         })
@@ -392,6 +479,28 @@ impl Drop for Server {
     }
 }
 
+fn spawn_server(dir: &Path, landing: &Landing, env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingestion"));
+    command
+        .args(["serve", "--config"])
+        .arg(dir.join("ingestion.toml"))
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("server.log"))
+                .unwrap(),
+        );
+    if let Landing::S3 { endpoint, .. } = landing {
+        s3_env(&mut command, endpoint);
+    }
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().unwrap()
+}
+
 fn walk(root: &Path, dir: &Path, found: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -467,6 +576,30 @@ fn s3_get(endpoint: &str, bucket: &str, key: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// `head_object` as JSON (SSEKMSKeyId, Metadata, ContentLength), or `None` if absent.
+pub fn s3_head(endpoint: &str, bucket: &str, key: &str) -> Option<serde_json::Value> {
+    let script = format!(
+        "{BOTO_PRELUDE}import json\ntry:\n    h = s3.head_object(Bucket=sys.argv[1], Key=sys.argv[2])\nexcept Exception:\n    sys.exit(3)\n\
+         t = s3.get_object_tagging(Bucket=sys.argv[1], Key=sys.argv[2]).get('TagSet', [])\n\
+         print(json.dumps({{'SSEKMSKeyId': h.get('SSEKMSKeyId'), 'ServerSideEncryption': h.get('ServerSideEncryption'), \
+         'Metadata': h.get('Metadata', {{}}), 'ContentLength': h['ContentLength'], 'Tags': {{x['Key']: x['Value'] for x in t}}}}))\n"
+    );
+    let output = boto(endpoint, &script, &[bucket, key]);
+    match output.status.code() {
+        Some(0) => Some(serde_json::from_slice(&output.stdout).unwrap()),
+        Some(3) => None,
+        _ => panic!("boto3 head failed: {}", text(&output)),
+    }
+}
+
+pub fn s3_get_object(endpoint: &str, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    s3_get(endpoint, bucket, key)
+}
+
+pub fn s3_keys(endpoint: &str, bucket: &str) -> Vec<String> {
+    s3_list(endpoint, bucket)
+}
+
 fn s3_list(endpoint: &str, bucket: &str) -> Vec<String> {
     let script = format!(
         "{BOTO_PRELUDE}p = s3.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket=sys.argv[1]):\n    for o in page.get('Contents', []):\n        print(o['Key'])\n\
@@ -539,4 +672,136 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---- ClamAV (clamd) ----
+
+/// The EICAR test file.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// A clamd started for one test, with a one-signature database (EICAR) and small size limits:
+/// StreamMaxLength 10M, so an 11 MiB file is unscannable.
+pub struct ClamdPeer {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl ClamdPeer {
+    /// Writes the configuration for `port` without starting clamd.
+    pub fn prepare(port: u16) -> ClamdPeer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("db")).unwrap();
+        let hex: String = EICAR.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(
+            dir.path().join("db/custom.ndb"),
+            format!("Custom.Test.EICAR-NDB:0:*:{hex}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("clamd.conf"),
+            format!(
+                "DatabaseDirectory {db}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\n\
+                 StreamMaxLength 10M\nMaxFileSize 10M\nMaxScanSize 40M\nAlertExceedsMax yes\n\
+                 LogFile {log}\nTemporaryDirectory {tmp}\n",
+                db = dir.path().join("db").display(),
+                log = dir.path().join("clamd.log").display(),
+                tmp = dir.path().display(),
+            ),
+        )
+        .unwrap();
+        ClamdPeer {
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    pub fn start_on_free_port() -> ClamdPeer {
+        let mut clamd = ClamdPeer::prepare(free_port());
+        clamd.start();
+        clamd
+    }
+
+    pub fn address(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts clamd and waits until it answers PING.
+    pub fn start(&mut self) {
+        let child = Command::new(clamd_binary())
+            .arg("--config-file")
+            .arg(self.dir.path().join("clamd.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::Read;
+                stream.write_all(b"zPING\0").unwrap();
+                let mut reply = [0u8; 5];
+                if stream.read_exact(&mut reply).is_ok() && &reply == b"PONG\0" {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "clamd exited with {status}: {}",
+                    std::fs::read_to_string(self.dir.path().join("clamd.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "clamd did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ClamdPeer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Debian installs clamd in /usr/sbin, which a non-root PATH may lack.
+pub fn clamd_binary() -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("clamd"))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from("clamd"))
+}
+
+/// Whether clamd is installed (see [`require`]).
+pub fn require_clamd(test: &str) -> bool {
+    peer_found(
+        clamd_binary().is_file(),
+        "`clamd` (Debian's clamav-daemon) is not installed",
+        test,
+    )
+}
+
+/// A zip archive holding `name` with `content` (made by Python's zipfile).
+pub fn zip_file(path: &Path, name: &str, content: &[u8]) {
+    let inner = path.with_extension("inner");
+    std::fs::write(&inner, content).unwrap();
+    let output = Command::new("python3")
+        .args(["-c", "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED) as z: z.write(sys.argv[2], sys.argv[3])"])
+        .arg(path)
+        .arg(&inner)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert_success(&output, "making a zip");
 }

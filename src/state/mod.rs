@@ -2,7 +2,12 @@
 //!
 //! Owns the schema and every query; all SQL here is static text with bound parameters, never built
 //! from strings. A job row is written when an upload's CLOSE succeeds, in state `landed`, ready for
-//! the pipeline. Folders live here rather than in the buckets because object stores have none.
+//! the pipeline (`jobs.rs` holds the job life cycle). Folders live here rather than in the buckets
+//! because object stores have none.
+
+mod jobs;
+
+pub use jobs::{Job, JobFilter, JobState, NewJob, PathBusy, Verdict};
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -40,6 +45,25 @@ CREATE TABLE folders (
 );
 "#;
 
+/// The pipeline's columns: leases, retries, verdicts and where the file went. Times used for
+/// comparisons are Unix milliseconds; the others are RFC 3339 text for people.
+const SCHEMA_V2: &str = r#"
+ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN next_attempt_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until INTEGER;
+ALTER TABLE jobs ADD COLUMN last_error TEXT;
+ALTER TABLE jobs ADD COLUMN verdict TEXT;
+ALTER TABLE jobs ADD COLUMN signature TEXT;
+ALTER TABLE jobs ADD COLUMN engine TEXT;
+ALTER TABLE jobs ADD COLUMN scanned_at TEXT;
+ALTER TABLE jobs ADD COLUMN scan_ms INTEGER;
+ALTER TABLE jobs ADD COLUMN routed_to TEXT;
+ALTER TABLE jobs ADD COLUMN copied_at TEXT;
+ALTER TABLE jobs ADD COLUMN finished_at TEXT;
+CREATE INDEX jobs_ready ON jobs (state, next_attempt_at);
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot create the folder for the state database {path}: {source}")]
@@ -53,34 +77,12 @@ pub enum StateError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-/// What is known of one job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
-    pub id: i64,
-    pub username: String,
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
-    pub state: String,
-}
-
-/// A just-completed upload, about to become a job.
-#[derive(Debug, Clone)]
-pub struct NewJob<'a> {
-    pub username: &'a str,
-    /// The file's path inside the user's home, `/`-separated, without a leading `/`.
-    pub path: &'a str,
-    pub size: u64,
-    pub sha256: &'a str,
-    pub session: &'a str,
-}
-
 #[derive(Debug, Clone)]
 pub struct State {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
@@ -109,103 +111,24 @@ impl State {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let migrator = Migrator::with_migrations(vec![Migration::new(
-            1,
-            Cow::Borrowed("jobs and folders"),
-            MigrationType::Simple,
-            SCHEMA_V1.into_sql_str(),
-            false,
-        )]);
+        let migrator = Migrator::with_migrations(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("jobs and folders"),
+                MigrationType::Simple,
+                SCHEMA_V1.into_sql_str(),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("pipeline leases and verdicts"),
+                MigrationType::Simple,
+                SCHEMA_V2.into_sql_str(),
+                false,
+            ),
+        ]);
         migrator.run(&pool).await?;
         Ok(State { pool })
-    }
-
-    /// Records a completed upload as a `landed` job. An older job for the same path that has not
-    /// been processed yet is marked `superseded`: its bytes were overwritten by this upload.
-    pub async fn record_upload(&self, job: &NewJob<'_>) -> Result<i64, StateError> {
-        let now = now();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'superseded', updated_at = $1 \
-             WHERE username = $2 AND path = $3 AND state = 'landed'",
-        )
-        .bind(&now)
-        .bind(job.username)
-        .bind(job.path)
-        .execute(&mut *tx)
-        .await?;
-        let size = i64::try_from(job.size).unwrap_or(i64::MAX);
-        let row = sqlx::query(
-            "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'landed', $5, $6, $6) RETURNING id",
-        )
-        .bind(job.username)
-        .bind(job.path)
-        .bind(size)
-        .bind(job.sha256)
-        .bind(job.session)
-        .bind(&now)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(row.try_get(0)?)
-    }
-
-    /// Follows a rename of a not-yet-processed file (or of every file below a renamed folder).
-    pub async fn rename_landed(
-        &self,
-        username: &str,
-        from: &str,
-        to: &str,
-    ) -> Result<(), StateError> {
-        sqlx::query(
-            "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3 \
-             WHERE username = $4 AND state = 'landed' AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/')",
-        )
-        .bind(to)
-        .bind(from)
-        .bind(now())
-        .bind(username)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Marks the job of a file its owner removed before processing as `removed`.
-    pub async fn remove_landed(&self, username: &str, path: &str) -> Result<(), StateError> {
-        sqlx::query(
-            "UPDATE jobs SET state = 'removed', updated_at = $1 \
-             WHERE username = $2 AND path = $3 AND state = 'landed'",
-        )
-        .bind(now())
-        .bind(username)
-        .bind(path)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Jobs, newest first, optionally of one user.
-    pub async fn jobs(&self, username: Option<&str>) -> Result<Vec<Job>, StateError> {
-        let rows = sqlx::query(
-            "SELECT id, username, path, size, sha256, state FROM jobs \
-             WHERE ($1 IS NULL OR username = $1) ORDER BY id DESC",
-        )
-        .bind(username)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Job {
-                    id: row.try_get("id")?,
-                    username: row.try_get("username")?,
-                    path: row.try_get("path")?,
-                    size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
-                    sha256: row.try_get("sha256")?,
-                    state: row.try_get("state")?,
-                })
-            })
-            .collect()
     }
 
     /// Creates a folder; `false` if it already existed.
@@ -302,7 +225,7 @@ impl State {
 mod tests {
     use super::*;
 
-    async fn state() -> (tempfile::TempDir, State) {
+    pub(super) async fn state() -> (tempfile::TempDir, State) {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&Database::Sqlite {
             path: dir.path().join("state/db.sqlite"),
@@ -310,55 +233,6 @@ mod tests {
         .await
         .unwrap();
         (dir, state)
-    }
-
-    fn job<'a>(path: &'a str) -> NewJob<'a> {
-        NewJob {
-            username: "acme",
-            path,
-            size: 3,
-            sha256: "abc",
-            session: "s",
-        }
-    }
-
-    #[tokio::test]
-    async fn second_upload_of_a_path_supersedes_the_first() {
-        let (_dir, state) = state().await;
-        let first = state.record_upload(&job("a.csv")).await.unwrap();
-        let second = state.record_upload(&job("a.csv")).await.unwrap();
-        assert!(second > first);
-        let jobs = state.jobs(Some("acme")).await.unwrap();
-        let states: Vec<_> = jobs.iter().map(|j| j.state.as_str()).collect();
-        assert_eq!(states, ["landed", "superseded"]);
-    }
-
-    #[tokio::test]
-    async fn rename_follows_files_and_folders() {
-        let (_dir, state) = state().await;
-        state.record_upload(&job("in/a.csv")).await.unwrap();
-        state.record_upload(&job("inside.csv")).await.unwrap();
-        state.rename_landed("acme", "in", "out").await.unwrap();
-        state
-            .rename_landed("acme", "inside.csv", "x.csv")
-            .await
-            .unwrap();
-        let mut paths: Vec<_> = state
-            .jobs(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.path)
-            .collect();
-        paths.sort();
-        assert_eq!(paths, ["out/a.csv", "x.csv"]);
-        state.remove_landed("acme", "x.csv").await.unwrap();
-        let removed = state.jobs(None).await.unwrap();
-        assert!(
-            removed
-                .iter()
-                .any(|j| j.path == "x.csv" && j.state == "removed")
-        );
     }
 
     #[tokio::test]

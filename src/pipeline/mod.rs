@@ -1,0 +1,293 @@
+//! The pipeline: claims landed jobs, scans them and routes them — clean files to the user's
+//! destination, infected and unscannable ones to quarantine — exactly once, surviving crashes.
+//!
+//! Workers take jobs with leases (`state::jobs`), renew them while they work, and retry failures
+//! with exponential backoff up to a cap; a job that keeps failing becomes `failed` (audited, shown by
+//! `ingestion transfers`, retried on operator command). On start, [`Pipeline::reconcile`] gives a job
+//! to every landed file that has none.
+//!
+//! Architecture invariants: the pipeline never speaks SSH; nothing is routed without a recorded
+//! verdict, and the route follows the recorded verdict only (so a retry can never send one file to
+//! both places); a file is removed from landing only after its copy is complete and verified.
+
+mod steps;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use tokio::sync::Notify;
+
+use crate::audit::{Audit, Event, Subject};
+use crate::config::SharedUsers;
+use crate::scan::Scanner;
+use crate::state::{Job, JobState, State, StateError};
+use crate::storage::{Bucket, Location, StorageError};
+
+/// How the pipeline runs.
+///
+/// # Defaults
+/// 2 workers, 60 s leases, retries after 1 s doubling up to 60 s, `failed` after 20 attempts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub workers: usize,
+    pub lease: Duration,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            workers: 2,
+            lease: Duration::from_secs(60),
+            retry_base: Duration::from_secs(1),
+            retry_cap: Duration::from_secs(60),
+            max_attempts: 20,
+        }
+    }
+}
+
+impl Settings {
+    /// The wait before the next attempt after `attempts` failures.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.min(16));
+        self.retry_base.saturating_mul(factor).min(self.retry_cap)
+    }
+}
+
+/// Why one step of a job did not complete; the job is retried later.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Scan(#[from] crate::scan::ScanError),
+    #[error("storage: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("copy: {0}")]
+    Copy(#[from] crate::storage::UploadError),
+    #[error("{0}")]
+    Open(#[from] StorageError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Other(String),
+    /// Another worker owns the job now; this one must change nothing.
+    #[error("the job's lease was lost")]
+    LeaseLost,
+}
+
+pub struct Pipeline {
+    state: State,
+    landing: Bucket,
+    quarantine: Bucket,
+    users: Arc<SharedUsers>,
+    scanner: Scanner,
+    audit: Arc<Audit>,
+    settings: Settings,
+    landed: Arc<Notify>,
+    node: String,
+    destinations: Mutex<HashMap<(Location, Option<String>), Bucket>>,
+    /// Test hook (`INGESTION_FAILPOINT=pause-after-copy`): stop for good between copy and delete, so
+    /// that a test can kill the process there.
+    pause_after_copy: bool,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        state: State,
+        landing: Bucket,
+        quarantine: Bucket,
+        users: Arc<SharedUsers>,
+        scanner: Scanner,
+        audit: Arc<Audit>,
+        settings: Settings,
+        landed: Arc<Notify>,
+    ) -> Pipeline {
+        let node: [u8; 4] = rand::random();
+        Pipeline {
+            state,
+            landing,
+            quarantine,
+            users,
+            scanner,
+            audit,
+            settings,
+            landed,
+            node: format!("node-{}", crate::storage::hex(&node)),
+            destinations: Mutex::new(HashMap::new()),
+            pause_after_copy: std::env::var("INGESTION_FAILPOINT")
+                .is_ok_and(|v| v == "pause-after-copy"),
+        }
+    }
+
+    /// Gives a job to every file in landing that has none (a crash between storing a file and
+    /// recording it). Returns how many were adopted.
+    pub async fn reconcile(&self) -> Result<usize, StepError> {
+        let mut objects = self.landing.store().list(None);
+        let mut adopted = 0;
+        let prefix_len = self.landing.key::<&str>(&[]).parts().count();
+        while let Some(object) = objects.try_next().await? {
+            let parts: Vec<String> = object
+                .location
+                .parts()
+                .skip(prefix_len)
+                .map(|part| part.as_ref().to_string())
+                .collect();
+            let Some((username, path)) = parts.split_first() else {
+                continue;
+            };
+            if path.is_empty() {
+                continue;
+            }
+            let path = path.join("/");
+            if let Some(job) = self
+                .state
+                .adopt_orphan(username, &path, object.size)
+                .await?
+            {
+                adopted += 1;
+                self.audit.record(
+                    &Subject {
+                        user: Some(username.clone()),
+                        ..Subject::default()
+                    },
+                    Event::Adopted {
+                        job,
+                        path: format!("/{path}"),
+                        bytes: object.size,
+                    },
+                );
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Runs the workers forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut workers = tokio::task::JoinSet::new();
+        for index in 0..self.settings.workers.max(1) {
+            workers.spawn(self.clone().worker(index));
+        }
+        while workers.join_next().await.is_some() {}
+    }
+
+    async fn worker(self: Arc<Self>, index: usize) {
+        let owner = format!("{}/worker-{index}", self.node);
+        loop {
+            match self.state.claim(&owner, self.settings.lease).await {
+                Ok(Some(job)) => {
+                    // Another idle worker may take the next job at once.
+                    self.landed.notify_one();
+                    self.process(&owner, job).await;
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        () = self.landed.notified() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot claim jobs; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Works on one claimed job, renewing its lease meanwhile, and records a failure for a retry.
+    async fn process(&self, owner: &str, job: Job) {
+        let renewer = {
+            let state = self.state.clone();
+            let (id, owner, lease) = (job.id, owner.to_string(), self.settings.lease);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if !matches!(state.renew(id, &owner, lease).await, Ok(true)) {
+                        break;
+                    }
+                }
+            })
+        };
+        let result = self.work(owner, &job).await;
+        renewer.abort();
+        let error = match result {
+            Ok(()) | Err(StepError::LeaseLost) => return,
+            Err(error) => error.to_string(),
+        };
+        let subject = Subject {
+            user: Some(job.username.clone()),
+            ..Subject::default()
+        };
+        let backoff = self.settings.backoff(job.attempts);
+        match self
+            .state
+            .record_failure(job.id, owner, &error, backoff, self.settings.max_attempts)
+            .await
+        {
+            Ok(Some((JobState::Failed, attempts))) => {
+                tracing::error!(job = job.id, %error, "a job failed for good");
+                self.audit.record(
+                    &subject,
+                    Event::JobFailed {
+                        job: job.id,
+                        path: format!("/{}", job.path),
+                        attempts,
+                        error,
+                    },
+                );
+            }
+            Ok(Some((_, attempts))) => {
+                tracing::warn!(job = job.id, %error, ?backoff, "a job step failed; it will be retried");
+                self.audit.record(
+                    &subject,
+                    Event::JobRetrying {
+                        job: job.id,
+                        path: format!("/{}", job.path),
+                        attempts,
+                        retry_in_ms: u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                        error,
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(state_error) => {
+                tracing::error!(%state_error, job = job.id, "cannot record a failed step")
+            }
+        }
+    }
+
+    /// The user's destination bucket, opened once per location and KMS key.
+    fn destination(
+        &self,
+        location: &Location,
+        kms_key: Option<&str>,
+    ) -> Result<Bucket, StorageError> {
+        let key = (location.clone(), kms_key.map(str::to_string));
+        if let Ok(cache) = self.destinations.lock()
+            && let Some(bucket) = cache.get(&key)
+        {
+            return Ok(bucket.clone());
+        }
+        let bucket = Bucket::open_with_kms(location, kms_key)?;
+        if let Ok(mut cache) = self.destinations.lock() {
+            cache.insert(key, bucket.clone());
+        }
+        Ok(bucket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let settings = Settings::default();
+        let waits: Vec<u64> = (0..9).map(|n| settings.backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(settings.backoff(u32::MAX).as_secs(), 60);
+    }
+}

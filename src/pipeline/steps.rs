@@ -1,0 +1,293 @@
+//! The two steps of a job: scan (landing bytes → recorded verdict) and route (copy to the place the
+//! verdict names, verify, record, delete from landing, finish). Each step is idempotent: repeating it
+//! after a crash at any point converges on the file being in exactly one final place.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+use sha2::{Digest, Sha256};
+
+use super::{Pipeline, StepError};
+use crate::audit::{Event, Subject};
+use crate::state::{Job, JobState, Verdict};
+use crate::storage::{Bucket, hex};
+
+/// Characters S3 accepts in tag values (metadata is kept to the same safe set).
+fn tag_safe(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " +-=._:/@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(256)
+        .collect()
+}
+
+fn verdict_name(verdict: &Verdict) -> &'static str {
+    verdict.state().as_str()
+}
+
+impl Pipeline {
+    fn subject(job: &Job) -> Subject {
+        Subject {
+            user: Some(job.username.clone()),
+            ..Subject::default()
+        }
+    }
+
+    fn landing_key(&self, job: &Job) -> ObjectPath {
+        let parts: Vec<&str> = std::iter::once(job.username.as_str())
+            .chain(job.path.split('/'))
+            .collect();
+        self.landing.key(&parts)
+    }
+
+    /// Scans a `landed` job, then routes it.
+    pub(super) async fn work(&self, owner: &str, job: &Job) -> Result<(), StepError> {
+        let job = if job.state == JobState::Landed {
+            self.scan(owner, job).await?;
+            self.state.job(job.id).await?.ok_or(StepError::LeaseLost)?
+        } else {
+            job.clone()
+        };
+        self.route(owner, &job).await
+    }
+
+    async fn scan(&self, owner: &str, job: &Job) -> Result<(), StepError> {
+        let started = Instant::now();
+        let object = match self.landing.store().get(&self.landing_key(job)).await {
+            Ok(object) => object,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StepError::Other(format!(
+                    "/{} is not in landing, so it cannot be scanned",
+                    job.path
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let mut bytes = object.into_stream().inspect_ok(|chunk: &Bytes| {
+            hasher.update(chunk);
+            size += chunk.len() as u64;
+        });
+        let verdict = self.scanner.scan(&mut bytes).await?;
+        drop(bytes);
+        let whole = size == job.size;
+        let sha256 = if whole {
+            hex(&hasher.finalize())
+        } else {
+            String::new()
+        };
+        if verdict == Verdict::Clean && (!whole || (!job.sha256.is_empty() && sha256 != job.sha256))
+        {
+            return Err(StepError::Other(format!(
+                "the scanner read {size} bytes with SHA-256 {sha256:?} but the upload recorded {} bytes with \
+                 {:?}; the file is not delivered",
+                job.size, job.sha256
+            )));
+        }
+        let elapsed = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let engine = self.scanner.name();
+        if !self
+            .state
+            .record_verdict(job.id, owner, &verdict, engine, elapsed, &sha256)
+            .await?
+        {
+            return Err(StepError::LeaseLost);
+        }
+        self.audit.record(
+            &Self::subject(job),
+            Event::Scanned {
+                job: job.id,
+                path: format!("/{}", job.path),
+                verdict: verdict_name(&verdict).into(),
+                signature: verdict.detail().map(str::to_string),
+                engine: engine.into(),
+                scan_ms: elapsed,
+            },
+        );
+        Ok(())
+    }
+
+    async fn route(&self, owner: &str, job: &Job) -> Result<(), StepError> {
+        let verdict = job.verdict.clone().ok_or_else(|| {
+            StepError::Other("the job has no verdict; it cannot be routed".into())
+        })?;
+        let (target, key, final_state) = match verdict {
+            Verdict::Clean => {
+                let users = self.users.current();
+                let user = users.get(&job.username).ok_or_else(|| {
+                    StepError::Other(format!(
+                        "the user `{}` is not configured any more, so the file has no destination",
+                        job.username
+                    ))
+                })?;
+                let bucket =
+                    self.destination(&user.destination, user.destination_kms_key.as_deref())?;
+                let parts: Vec<&str> = job.path.split('/').collect();
+                let key = bucket.key(&parts);
+                (bucket, key, JobState::Delivered)
+            }
+            Verdict::Infected { .. } | Verdict::Unscannable { .. } => {
+                let parts: Vec<&str> = std::iter::once(job.username.as_str())
+                    .chain(job.path.split('/'))
+                    .collect();
+                let key = self.quarantine.key(&parts);
+                (self.quarantine.clone(), key, JobState::Quarantined)
+            }
+        };
+        let url = object_url(&target, &key);
+        let landing_key = self.landing_key(job);
+        match self.landing.store().get(&landing_key).await {
+            Ok(object) => {
+                self.copy(job, object, &target, key).await?;
+                if !self.state.record_copied(job.id, owner, &url).await? {
+                    return Err(StepError::LeaseLost);
+                }
+                if self.pause_after_copy {
+                    tracing::warn!(
+                        job = job.id,
+                        "failpoint pause-after-copy: stopping before the delete"
+                    );
+                    std::future::pending::<()>().await;
+                }
+                match self.landing.store().delete(&landing_key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                // Gone from landing: a crash after the copy. Finish only if the copy is there.
+                match target.store().head(&key).await {
+                    Ok(meta) if meta.size == job.size => {}
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                        return Err(StepError::Other(format!(
+                            "/{} is gone from landing and is not at {url}",
+                            job.path
+                        )));
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+        if !self.state.finish(job.id, owner, final_state, None).await? {
+            return Err(StepError::LeaseLost);
+        }
+        let path = format!("/{}", job.path);
+        let event = match &job.verdict {
+            Some(Verdict::Clean) => Event::Delivered {
+                job: job.id,
+                path,
+                bytes: job.size,
+                sha256: job.sha256.clone(),
+                destination: url,
+            },
+            other => Event::Quarantined {
+                job: job.id,
+                path,
+                bytes: job.size,
+                sha256: job.sha256.clone(),
+                reason: other
+                    .as_ref()
+                    .map(|verdict| verdict_name(verdict).to_string())
+                    .unwrap_or_default(),
+                signature: other.as_ref().and_then(Verdict::detail).map(str::to_string),
+            },
+        };
+        self.audit.record(&Self::subject(job), event);
+        Ok(())
+    }
+
+    /// Streams the landing object into the target with bounded memory, publishing it only if its
+    /// SHA-256 is the one taken at upload.
+    async fn copy(
+        &self,
+        job: &Job,
+        object: object_store::GetResult,
+        target: &Bucket,
+        key: ObjectPath,
+    ) -> Result<(), StepError> {
+        let verdict = job.verdict.as_ref();
+        let mut metadata = vec![
+            (
+                "ingestion-scan-result",
+                verdict.map(verdict_name).unwrap_or_default().to_string(),
+            ),
+            (
+                "ingestion-scan-time",
+                job.scanned_at.clone().unwrap_or_default(),
+            ),
+            (
+                "ingestion-scan-engine",
+                job.engine.clone().unwrap_or_default(),
+            ),
+            ("ingestion-sha256", job.sha256.clone()),
+            ("ingestion-uploader", job.username.clone()),
+            ("ingestion-job", job.id.to_string()),
+        ];
+        if let Some(detail) = verdict.and_then(Verdict::detail) {
+            metadata.push(("ingestion-signature", detail.to_string()));
+        }
+        let metadata: Vec<(&str, String)> = metadata
+            .into_iter()
+            .map(|(name, value)| (name, tag_safe(&value)))
+            .collect();
+        let mut upload = target.upload_with_metadata(key, u64::MAX, &metadata);
+        if !job.sha256.is_empty() {
+            upload = upload.expect_sha256(&job.sha256);
+        }
+        let mut stream = object.into_stream();
+        let mut offset = 0u64;
+        loop {
+            let chunk = match stream.try_next().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(error) => {
+                    upload.abort().await;
+                    return Err(error.into());
+                }
+            };
+            let length = chunk.len() as u64;
+            if let Err(error) = upload.write(offset, chunk).await {
+                upload.abort().await;
+                return Err(error.into());
+            }
+            offset += length;
+        }
+        upload.finish().await?;
+        Ok(())
+    }
+}
+
+/// `s3://bucket/key` or `file:///path` of an object, for records and alerts.
+fn object_url(bucket: &Bucket, key: &ObjectPath) -> String {
+    match bucket.location() {
+        crate::storage::Location::S3 { bucket, .. } => format!("s3://{bucket}/{key}"),
+        crate::storage::Location::Local { root } => format!("file://{}/{key}", root.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_values_are_made_safe() {
+        assert_eq!(tag_safe("Eicar-Test-Signature"), "Eicar-Test-Signature");
+        assert_eq!(tag_safe("clamd's limit (25M)"), "clamd_s limit _25M_");
+        assert_eq!(
+            tag_safe("2026-12-04T16:37:03.527Z"),
+            "2026-12-04T16:37:03.527Z"
+        );
+        assert_eq!(tag_safe(&"x".repeat(300)).len(), 256);
+    }
+}

@@ -1,0 +1,765 @@
+//! The job life cycle: one row per acknowledged upload, moved through its states by leases.
+//!
+//! ```text
+//! landed ──scan──▶ clean | infected | unscannable ──route──▶ delivered | quarantined
+//!    │                         (verdict kept)                      (final)
+//!    ├──▶ superseded (the same path was uploaded again before processing)
+//!    ├──▶ removed    (its owner removed it before processing)
+//!    └──▶ failed     (too many attempts; `retry` puts it back where it was)
+//! ```
+//!
+//! A worker owns a job only while it holds an unexpired lease (owner + deadline), taken and checked in
+//! single statements, so two workers never process one job and a dead worker's job is taken over once
+//! its lease expires. Every step that changes a job names the lease owner, so a worker that lost its
+//! lease changes nothing. The SFTP side takes the same leases ("holds") on a path before it replaces,
+//! renames or removes a file, so a file is never changed under a worker processing it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::{State, StateError, now};
+
+/// States in which a job still needs work (a macro so that queries stay `&'static str` via `concat!`).
+macro_rules! open_states {
+    () => {
+        "('landed', 'clean', 'infected', 'unscannable')"
+    };
+}
+
+/// Every column of a job row, in the order `job_from_row` reads them by name.
+macro_rules! columns {
+    () => {
+        "id, username, path, size, sha256, state, session, received_at, updated_at, attempts, \
+         last_error, verdict, signature, engine, scanned_at, scan_ms, routed_to, copied_at, finished_at"
+    };
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Landed,
+    Clean,
+    Infected,
+    Unscannable,
+    Delivered,
+    Quarantined,
+    Failed,
+    Superseded,
+    Removed,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 9] = [
+        JobState::Landed,
+        JobState::Clean,
+        JobState::Infected,
+        JobState::Unscannable,
+        JobState::Delivered,
+        JobState::Quarantined,
+        JobState::Failed,
+        JobState::Superseded,
+        JobState::Removed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Landed => "landed",
+            JobState::Clean => "clean",
+            JobState::Infected => "infected",
+            JobState::Unscannable => "unscannable",
+            JobState::Delivered => "delivered",
+            JobState::Quarantined => "quarantined",
+            JobState::Failed => "failed",
+            JobState::Superseded => "superseded",
+            JobState::Removed => "removed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobState> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A scan result as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    Infected { signature: String },
+    Unscannable { reason: String },
+}
+
+impl Verdict {
+    pub fn state(&self) -> JobState {
+        match self {
+            Verdict::Clean => JobState::Clean,
+            Verdict::Infected { .. } => JobState::Infected,
+            Verdict::Unscannable { .. } => JobState::Unscannable,
+        }
+    }
+
+    /// The signature (infected) or reason (unscannable).
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Verdict::Clean => None,
+            Verdict::Infected { signature } => Some(signature),
+            Verdict::Unscannable { reason } => Some(reason),
+        }
+    }
+}
+
+/// Everything known of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub username: String,
+    /// Path inside the user's home, `/`-separated, no leading `/`.
+    pub path: String,
+    pub size: u64,
+    /// SHA-256 taken while the upload arrived (empty for a file found in landing without a job).
+    pub sha256: String,
+    pub state: JobState,
+    pub session: String,
+    pub received_at: String,
+    pub updated_at: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub verdict: Option<Verdict>,
+    pub engine: Option<String>,
+    pub scanned_at: Option<String>,
+    pub scan_ms: Option<i64>,
+    pub routed_to: Option<String>,
+    pub copied_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// A just-completed upload, about to become a job.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub username: &'a str,
+    /// The file's path inside the user's home, `/`-separated, without a leading `/`.
+    pub path: &'a str,
+    pub size: u64,
+    pub sha256: &'a str,
+    pub session: &'a str,
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub username: Option<String>,
+    pub state: Option<JobState>,
+    pub limit: Option<u32>,
+}
+
+/// A path is being processed by the pipeline and cannot be changed right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathBusy;
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+fn later_ms(after: Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<Job, StateError> {
+    let state: String = row.try_get("state")?;
+    let verdict: Option<String> = row.try_get("verdict")?;
+    let signature: Option<String> = row.try_get("signature")?;
+    let verdict = match verdict.as_deref() {
+        Some("clean") => Some(Verdict::Clean),
+        Some("infected") => Some(Verdict::Infected {
+            signature: signature.unwrap_or_default(),
+        }),
+        Some("unscannable") => Some(Verdict::Unscannable {
+            reason: signature.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok(Job {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        path: row.try_get("path")?,
+        size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+        sha256: row.try_get("sha256")?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        session: row.try_get("session")?,
+        received_at: row.try_get("received_at")?,
+        updated_at: row.try_get("updated_at")?,
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        last_error: row.try_get("last_error")?,
+        verdict,
+        engine: row.try_get("engine")?,
+        scanned_at: row.try_get("scanned_at")?,
+        scan_ms: row.try_get("scan_ms")?,
+        routed_to: row.try_get("routed_to")?,
+        copied_at: row.try_get("copied_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+impl State {
+    /// Records a completed upload as a `landed` job. Older `landed` jobs for the same path (held by
+    /// `holder`, see [`State::hold_path`]) are marked `superseded`: their bytes were just replaced.
+    pub async fn record_upload(&self, job: &NewJob<'_>, holder: &str) -> Result<i64, StateError> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'superseded', updated_at = $1, lease_owner = NULL, lease_until = NULL, \
+             finished_at = $1 WHERE username = $2 AND path = $3 AND state = 'landed' \
+             AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)",
+        )
+        .bind(&now)
+        .bind(job.username)
+        .bind(job.path)
+        .bind(holder)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let size = i64::try_from(job.size).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'landed', $5, $6, $6) RETURNING id",
+        )
+        .bind(job.username)
+        .bind(job.path)
+        .bind(size)
+        .bind(job.sha256)
+        .bind(job.session)
+        .bind(&now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Takes a hold on every unprocessed job of `path` (and, for a folder, below it) so that the
+    /// pipeline leaves them alone while the SFTP side replaces, renames or removes the file. Fails
+    /// with [`PathBusy`] when a job of that path is being scanned or routed.
+    pub async fn hold_path(
+        &self,
+        username: &str,
+        path: &str,
+        holder: &str,
+        hold_for: Duration,
+    ) -> Result<Result<(), PathBusy>, StateError> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 \
+             AND (path = $4 OR substr(path, 1, length($4) + 1) = $4 || '/') AND state = 'landed' \
+             AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)",
+        )
+        .bind(holder)
+        .bind(later_ms(hold_for))
+        .bind(username)
+        .bind(path)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let busy: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM jobs WHERE username = $1 \
+             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/') \
+             AND state IN ('landed', 'clean', 'infected', 'unscannable') \
+             AND NOT (state = 'landed' AND lease_owner = $3)",
+        )
+        .bind(username)
+        .bind(path)
+        .bind(holder)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        if busy > 0 {
+            self.release_path(username, path, holder).await?;
+            return Ok(Err(PathBusy));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Releases what [`State::hold_path`] took.
+    pub async fn release_path(
+        &self,
+        username: &str,
+        path: &str,
+        holder: &str,
+    ) -> Result<(), StateError> {
+        sqlx::query(
+            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 \
+             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/') AND lease_owner = $3",
+        )
+        .bind(username)
+        .bind(path)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Follows a rename of a held, unprocessed file (or of every file below a renamed folder) and
+    /// releases the hold.
+    pub async fn rename_landed(
+        &self,
+        username: &str,
+        from: &str,
+        to: &str,
+        holder: &str,
+    ) -> Result<(), StateError> {
+        sqlx::query(
+            "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE username = $4 AND state = 'landed' AND lease_owner = $5 \
+             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/')",
+        )
+        .bind(to)
+        .bind(from)
+        .bind(now())
+        .bind(username)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the held jobs of a file its owner removed before processing as `removed`.
+    pub async fn remove_landed(
+        &self,
+        username: &str,
+        path: &str,
+        holder: &str,
+    ) -> Result<(), StateError> {
+        let now = now();
+        sqlx::query(
+            "UPDATE jobs SET state = 'removed', updated_at = $1, finished_at = $1, lease_owner = NULL, \
+             lease_until = NULL WHERE username = $2 AND path = $3 AND state = 'landed' AND lease_owner = $4",
+        )
+        .bind(&now)
+        .bind(username)
+        .bind(path)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a file found in landing without a job (after a crash between storing and recording).
+    /// Returns `None` when the path already has an unfinished job.
+    pub async fn adopt_orphan(
+        &self,
+        username: &str,
+        path: &str,
+        size: u64,
+    ) -> Result<Option<i64>, StateError> {
+        let now = now();
+        let row = sqlx::query(
+            "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
+             SELECT $1, $2, $3, '', 'landed', 'reconcile', $4, $4 WHERE NOT EXISTS \
+             (SELECT 1 FROM jobs WHERE username = $1 AND path = $2 \
+              AND state IN ('landed', 'clean', 'infected', 'unscannable')) RETURNING id",
+        )
+        .bind(username)
+        .bind(path)
+        .bind(i64::try_from(size).unwrap_or(i64::MAX))
+        .bind(&now)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(StateError::from)
+    }
+
+    /// Claims the next job that needs work and whose lease is free, for `owner`, until `lease` passes.
+    pub async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StateError> {
+        let now = now_ms();
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE id = (\
+             SELECT id FROM jobs WHERE state IN ",
+            open_states!(),
+            " AND next_attempt_at <= $3 AND (lease_owner IS NULL OR lease_until < $3) \
+             ORDER BY next_attempt_at, id LIMIT 1) RETURNING ",
+            columns!()
+        ))
+        .bind(owner)
+        .bind(later_ms(lease))
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Extends a lease still held by `owner`; `false` if it was lost.
+    pub async fn renew(&self, id: i64, owner: &str, lease: Duration) -> Result<bool, StateError> {
+        let result =
+            sqlx::query("UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3")
+                .bind(later_ms(lease))
+                .bind(id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records a scan verdict (and the SHA-256 when the job had none); `false` if the lease was lost.
+    pub async fn record_verdict(
+        &self,
+        id: i64,
+        owner: &str,
+        verdict: &Verdict,
+        engine: &str,
+        scan_ms: i64,
+        sha256: &str,
+    ) -> Result<bool, StateError> {
+        let now = now();
+        let result = sqlx::query(
+            "UPDATE jobs SET state = $1, verdict = $1, signature = $2, engine = $3, scanned_at = $4, \
+             scan_ms = $5, sha256 = CASE WHEN sha256 = '' THEN $6 ELSE sha256 END, attempts = 0, \
+             last_error = NULL, updated_at = $4 WHERE id = $7 AND lease_owner = $8 AND state = 'landed'",
+        )
+        .bind(verdict.state().as_str())
+        .bind(verdict.detail())
+        .bind(engine)
+        .bind(&now)
+        .bind(scan_ms)
+        .bind(sha256)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Notes that the file was copied to `routed_to` (before the landing copy is deleted).
+    pub async fn record_copied(
+        &self,
+        id: i64,
+        owner: &str,
+        routed_to: &str,
+    ) -> Result<bool, StateError> {
+        let now = now();
+        let result = sqlx::query(
+            "UPDATE jobs SET routed_to = $1, copied_at = $2, updated_at = $2 WHERE id = $3 AND lease_owner = $4",
+        )
+        .bind(routed_to)
+        .bind(&now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Ends a job in a final state and releases its lease.
+    pub async fn finish(
+        &self,
+        id: i64,
+        owner: &str,
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<bool, StateError> {
+        let now = now();
+        let result = sqlx::query(
+            "UPDATE jobs SET state = $1, finished_at = $2, updated_at = $2, last_error = COALESCE($3, last_error), \
+             lease_owner = NULL, lease_until = NULL WHERE id = $4 AND lease_owner = $5",
+        )
+        .bind(state.as_str())
+        .bind(&now)
+        .bind(error)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records a failed attempt: the job waits `backoff` before its next try, or becomes `failed`
+    /// once `max_attempts` is reached. Returns the job's new state.
+    pub async fn record_failure(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        backoff: Duration,
+        max_attempts: u32,
+    ) -> Result<Option<(JobState, u32)>, StateError> {
+        let now = now();
+        let row = sqlx::query(
+            "UPDATE jobs SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, updated_at = $3, \
+             state = CASE WHEN attempts + 1 >= $4 THEN 'failed' ELSE state END, \
+             finished_at = CASE WHEN attempts + 1 >= $4 THEN $3 ELSE finished_at END, \
+             lease_owner = NULL, lease_until = NULL WHERE id = $5 AND lease_owner = $6 RETURNING state, attempts",
+        )
+        .bind(error)
+        .bind(later_ms(backoff))
+        .bind(&now)
+        .bind(i64::from(max_attempts))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let state: String = row.try_get(0)?;
+            let attempts: i64 = row.try_get(1)?;
+            Ok((
+                JobState::parse(&state).unwrap_or(JobState::Failed),
+                u32::try_from(attempts).unwrap_or(u32::MAX),
+            ))
+        })
+        .transpose()
+    }
+
+    /// Puts a failed (or waiting) job back to work now: to `landed` if it has no verdict yet,
+    /// otherwise to its verdict so that it is routed as scanned. `false` if there is no such job.
+    pub async fn retry(&self, id: i64) -> Result<bool, StateError> {
+        let now = now();
+        let result = sqlx::query(concat!(
+            "UPDATE jobs SET state = COALESCE(verdict, 'landed'), attempts = 0, next_attempt_at = 0, \
+             finished_at = NULL, updated_at = $1 WHERE id = $2 AND (state = 'failed' OR state IN ",
+            open_states!(),
+            ")"
+        ))
+        .bind(&now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn job(&self, id: i64) -> Result<Option<Job>, StateError> {
+        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Jobs, newest first.
+    pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StateError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM jobs WHERE ($1 IS NULL OR username = $1) AND ($2 IS NULL OR state = $2) \
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(filter.username.as_deref())
+        .bind(filter.state.map(JobState::as_str))
+        .bind(i64::from(filter.limit.unwrap_or(u32::MAX)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::state;
+    use super::*;
+
+    const HOLD: Duration = Duration::from_secs(30);
+
+    fn job<'a>(path: &'a str) -> NewJob<'a> {
+        NewJob {
+            username: "acme",
+            path,
+            size: 3,
+            sha256: "abc",
+            session: "s",
+        }
+    }
+
+    fn states(jobs: &[Job]) -> Vec<JobState> {
+        jobs.iter().map(|job| job.state).collect()
+    }
+
+    #[tokio::test]
+    async fn second_upload_of_a_path_supersedes_the_first() {
+        let (_dir, state) = state().await;
+        let first = state.record_upload(&job("a.csv"), "s1").await.unwrap();
+        assert_eq!(
+            state.hold_path("acme", "a.csv", "s2", HOLD).await.unwrap(),
+            Ok(())
+        );
+        let second = state.record_upload(&job("a.csv"), "s2").await.unwrap();
+        assert!(second > first);
+        let jobs = state.jobs(&JobFilter::default()).await.unwrap();
+        assert_eq!(states(&jobs), [JobState::Landed, JobState::Superseded]);
+    }
+
+    #[tokio::test]
+    async fn a_path_being_processed_cannot_be_held() {
+        let (_dir, state) = state().await;
+        state.record_upload(&job("a.csv"), "s").await.unwrap();
+        let claimed = state.claim("worker", HOLD).await.unwrap().unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "a.csv", "sftp", HOLD)
+                .await
+                .unwrap(),
+            Err(PathBusy)
+        );
+        assert!(
+            state
+                .record_verdict(claimed.id, "worker", &Verdict::Clean, "builtin", 1, "abc")
+                .await
+                .unwrap()
+        );
+        state
+            .finish(claimed.id, "worker", JobState::Delivered, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "a.csv", "sftp", HOLD)
+                .await
+                .unwrap(),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_path_is_not_claimed() {
+        let (_dir, state) = state().await;
+        state.record_upload(&job("in/a.csv"), "s").await.unwrap();
+        assert_eq!(
+            state.hold_path("acme", "in", "sftp", HOLD).await.unwrap(),
+            Ok(())
+        );
+        assert!(state.claim("worker", HOLD).await.unwrap().is_none());
+        state
+            .rename_landed("acme", "in", "out", "sftp")
+            .await
+            .unwrap();
+        let claimed = state.claim("worker", HOLD).await.unwrap().unwrap();
+        assert_eq!(claimed.path, "out/a.csv");
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_the_old_owner_changes_nothing() {
+        let (_dir, state) = state().await;
+        let id = state.record_upload(&job("a.csv"), "s").await.unwrap();
+        let first = state.claim("dead", Duration::ZERO).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = state.claim("alive", HOLD).await.unwrap().unwrap();
+        assert_eq!((first.id, second.id), (id, id));
+        assert!(
+            !state
+                .record_verdict(id, "dead", &Verdict::Clean, "b", 1, "")
+                .await
+                .unwrap()
+        );
+        assert!(!state.renew(id, "dead", HOLD).await.unwrap());
+        let infected = Verdict::Infected {
+            signature: "Eicar".into(),
+        };
+        assert!(
+            state
+                .record_verdict(id, "alive", &infected, "clamd", 7, "")
+                .await
+                .unwrap()
+        );
+        let job = state.job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.verdict, job.engine.as_deref()),
+            (JobState::Infected, Some(infected), Some("clamd"))
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_then_fail_and_retry_resumes_from_the_verdict() {
+        let (_dir, state) = state().await;
+        let id = state.record_upload(&job("a.csv"), "s").await.unwrap();
+        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        state
+            .record_verdict(claimed.id, "w", &Verdict::Clean, "b", 1, "")
+            .await
+            .unwrap();
+        state.release_path("acme", "a.csv", "w").await.unwrap();
+        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let (after_one, attempts) = state
+            .record_failure(claimed.id, "w", "disk full", HOLD, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((after_one, attempts), (JobState::Clean, 1));
+        assert!(
+            state.claim("w", HOLD).await.unwrap().is_none(),
+            "backing off"
+        );
+        assert!(state.retry(id).await.unwrap());
+        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let (after_two, _) = state
+            .record_failure(claimed.id, "w", "disk full", Duration::ZERO, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after_two, JobState::Failed);
+        assert!(state.claim("w", HOLD).await.unwrap().is_none());
+        assert!(state.retry(id).await.unwrap());
+        let job = state.job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.last_error.as_deref()),
+            (JobState::Clean, 0, Some("disk full"))
+        );
+    }
+
+    #[tokio::test]
+    async fn orphans_are_adopted_once() {
+        let (_dir, state) = state().await;
+        assert!(
+            state
+                .adopt_orphan("acme", "x.csv", 5)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            state
+                .adopt_orphan("acme", "x.csv", 5)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let jobs = state
+            .jobs(&JobFilter {
+                state: Some(JobState::Landed),
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((jobs.len(), jobs[0].sha256.as_str()), (1, ""));
+    }
+
+    #[tokio::test]
+    async fn removal_needs_the_hold() {
+        let (_dir, state) = state().await;
+        let id = state.record_upload(&job("x.csv"), "s").await.unwrap();
+        state.remove_landed("acme", "x.csv", "sftp").await.unwrap();
+        assert_eq!(
+            state.job(id).await.unwrap().unwrap().state,
+            JobState::Landed
+        );
+        state
+            .hold_path("acme", "x.csv", "sftp", HOLD)
+            .await
+            .unwrap()
+            .unwrap();
+        state.remove_landed("acme", "x.csv", "sftp").await.unwrap();
+        assert_eq!(
+            state.job(id).await.unwrap().unwrap().state,
+            JobState::Removed
+        );
+    }
+}

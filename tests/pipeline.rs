@@ -1,0 +1,435 @@
+//! Scan and deliver, end to end: uploads with OpenSSH sftp, a real clamd with a custom signature
+//! database, deliveries to local folders and to S3 (moto) with SSE-KMS, and crashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use ingestion::state::{Job, JobState, Verdict};
+
+struct Setup {
+    files: tempfile::TempDir,
+    key: Key,
+}
+
+fn setup(test: &str, needs_clamd: bool) -> Option<Setup> {
+    if !require("sftp", test) || !require("ssh-keygen", test) || !require("python3", test) {
+        return None;
+    }
+    if needs_clamd && !require_clamd(test) {
+        return None;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let key = keygen(files.path(), "acme_key", &["-t", "ed25519"]);
+    Some(Setup { files, key })
+}
+
+fn clamd_sections(address: &str, pipeline: &str) -> String {
+    format!(
+        "[scanner]\nengine = \"clamd\"\nclamd = \"{address}\"\ntimeout = \"60s\"\n[pipeline]\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n{pipeline}"
+    )
+}
+
+fn all_final(jobs: &[Job], count: usize) -> bool {
+    jobs.len() == count
+        && jobs
+            .iter()
+            .all(|job| matches!(job.state, JobState::Delivered | JobState::Quarantined))
+}
+
+fn job<'a>(jobs: &'a [Job], path: &str) -> &'a Job {
+    jobs.iter()
+        .find(|job| job.path == path)
+        .unwrap_or_else(|| panic!("no job for {path}: {jobs:#?}"))
+}
+
+/// Clean, EICAR, EICAR inside a zip and a file over clamd's limit.
+struct Samples {
+    clean: std::path::PathBuf,
+    eicar: std::path::PathBuf,
+    zipped: std::path::PathBuf,
+    too_big: std::path::PathBuf,
+}
+
+fn samples(setup: &Setup) -> Samples {
+    let dir = setup.files.path();
+    let clean = dir.join("data.csv");
+    random_file(&clean, 300_000, 11);
+    let eicar = dir.join("eicar.txt");
+    std::fs::write(&eicar, EICAR).unwrap();
+    let zipped = dir.join("bundle.zip");
+    zip_file(&zipped, "inner/eicar.com", EICAR);
+    let too_big = dir.join("big.bin");
+    random_file(&too_big, 11 << 20, 12);
+    Samples {
+        clean,
+        eicar,
+        zipped,
+        too_big,
+    }
+}
+
+fn upload_samples(server: &Server, setup: &Setup, samples: &Samples) {
+    let script = format!(
+        "mkdir in\nmkdir in/deep\nput {} \"in/deep/data file.csv\"\nput {} eicar.txt\nput {} bundle.zip\nput {} big.bin\n",
+        samples.clean.display(),
+        samples.eicar.display(),
+        samples.zipped.display(),
+        samples.too_big.display()
+    );
+    assert_success(&server.sftp("acme", &setup.key, &script), "uploads");
+}
+
+fn check_verdicts(jobs: &[Job]) {
+    let clean = job(jobs, "in/deep/data file.csv");
+    assert_eq!(
+        (clean.state, clean.verdict.clone()),
+        (JobState::Delivered, Some(Verdict::Clean))
+    );
+    assert_eq!(clean.engine.as_deref(), Some("clamd"));
+    for path in ["eicar.txt", "bundle.zip"] {
+        let infected = job(jobs, path);
+        assert_eq!(infected.state, JobState::Quarantined, "{path}");
+        match &infected.verdict {
+            Some(Verdict::Infected { signature }) => {
+                assert!(signature.contains("EICAR"), "{path}: {signature}")
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    let big = job(jobs, "big.bin");
+    assert_eq!(big.state, JobState::Quarantined);
+    assert!(
+        matches!(big.verdict, Some(Verdict::Unscannable { .. })),
+        "{big:#?}"
+    );
+}
+
+#[test]
+fn clean_files_are_delivered_and_infected_or_unscannable_ones_quarantined() {
+    let test = "clean_files_are_delivered_and_infected_or_unscannable_ones_quarantined";
+    let Some(setup) = setup(test, true) else {
+        return;
+    };
+    let clamd = ClamdPeer::start_on_free_port();
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        &clamd_sections(&clamd.address(), ""),
+        Landing::Local,
+        &[],
+    );
+    let samples = samples(&setup);
+    upload_samples(&server, &setup, &samples);
+    let jobs = server.wait_for_jobs(60, "four final jobs", |jobs| all_final(jobs, 4));
+    check_verdicts(&jobs);
+
+    assert_eq!(
+        server.files_in("buckets/delivered/acme"),
+        ["in/deep/data file.csv"]
+    );
+    let delivered = server
+        .dir
+        .path()
+        .join("buckets/delivered/acme/in/deep/data file.csv");
+    assert_eq!(sha256_file(&delivered), sha256_file(&samples.clean));
+    assert_eq!(
+        server.files_in("buckets/quarantine"),
+        ["acme/big.bin", "acme/bundle.zip", "acme/eicar.txt"]
+    );
+    assert!(
+        server.landing_listing().is_empty(),
+        "{:?}",
+        server.landing_listing()
+    );
+    assert_eq!(server.events("delivered").len(), 1);
+    let quarantined = server.events("quarantined");
+    assert_eq!(quarantined.len(), 3);
+    assert!(
+        quarantined
+            .iter()
+            .any(|e| e["reason"] == "unscannable" && e["path"] == "/big.bin")
+    );
+
+    let listing = server.cli(&["transfers", "list", "--state", "quarantined"]);
+    assert_success(&listing, "transfers list");
+    let listing = text(&listing);
+    assert!(
+        listing.contains("/eicar.txt") && !listing.contains("data file.csv"),
+        "{listing}"
+    );
+    let shown = server.cli(&["transfers", "show", &job(&jobs, "eicar.txt").id.to_string()]);
+    assert_success(&shown, "transfers show");
+    assert!(
+        text(&shown).contains("Custom.Test.EICAR-NDB"),
+        "{}",
+        text(&shown)
+    );
+}
+
+#[test]
+fn nothing_is_delivered_while_clamd_is_down_and_everything_after_it_returns() {
+    let test = "nothing_is_delivered_while_clamd_is_down_and_everything_after_it_returns";
+    let Some(setup) = setup(test, true) else {
+        return;
+    };
+    let mut clamd = ClamdPeer::prepare(free_port());
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        &clamd_sections(&clamd.address(), ""),
+        Landing::Local,
+        &[],
+    );
+    let file = setup.files.path().join("report.csv");
+    random_file(&file, 50_000, 3);
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} report.csv\n", file.display()),
+        ),
+        "upload",
+    );
+    let jobs = server.wait_for_jobs(30, "failed scan attempts", |jobs| {
+        jobs.first().is_some_and(|job| job.attempts >= 2)
+    });
+    assert_eq!(jobs[0].state, JobState::Landed, "fail closed: {jobs:#?}");
+    assert!(
+        jobs[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unreachable"),
+        "{jobs:#?}"
+    );
+    assert!(server.files_in("buckets/delivered").is_empty());
+    assert!(server.files_in("buckets/quarantine").is_empty());
+    assert_eq!(server.landing_listing(), ["acme/report.csv"]);
+
+    clamd.start();
+    server.wait_for_jobs(30, "delivery after clamd returns", |jobs| {
+        all_final(jobs, 1)
+    });
+    assert_eq!(server.files_in("buckets/delivered/acme"), ["report.csv"]);
+    assert!(!server.events("job_retrying").is_empty());
+}
+
+#[test]
+fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
+    let test = "a_job_that_keeps_failing_is_marked_failed_and_retried_on_command";
+    let Some(setup) = setup(test, true) else {
+        return;
+    };
+    let mut clamd = ClamdPeer::prepare(free_port());
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        &clamd_sections(&clamd.address(), "max_attempts = 2\n"),
+        Landing::Local,
+        &[],
+    );
+    let file = setup.files.path().join("a.csv");
+    std::fs::write(&file, b"a,b\n").unwrap();
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} a.csv\n", file.display()),
+        ),
+        "upload",
+    );
+    let jobs = server.wait_for_jobs(30, "a failed job", |jobs| {
+        jobs.first()
+            .is_some_and(|job| job.state == JobState::Failed)
+    });
+    assert_eq!(server.events("job_failed").len(), 1);
+    let failed = text(&server.cli(&["transfers", "list", "--state", "failed"]));
+    assert!(failed.contains("/a.csv"), "{failed}");
+
+    clamd.start();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        server.files_in("buckets/delivered").is_empty(),
+        "a failed job waits for the operator"
+    );
+    assert_success(
+        &server.cli(&["transfers", "retry", &jobs[0].id.to_string()]),
+        "transfers retry",
+    );
+    server.wait_for_jobs(30, "delivery after retry", |jobs| all_final(jobs, 1));
+    assert_eq!(server.files_in("buckets/delivered/acme"), ["a.csv"]);
+    let refused = server.cli(&["transfers", "retry", &jobs[0].id.to_string()]);
+    assert_failure(&refused, "retrying a delivered transfer");
+}
+
+/// The server is killed with SIGKILL after copying a file to its destination and before removing
+/// it from landing; after a restart the file ends up in exactly one place.
+#[test]
+fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy() {
+    let test = "a_crash_between_copy_and_delete_converges_on_exactly_one_copy";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let sections = "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"2s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n";
+    let mut server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        sections,
+        Landing::Local,
+        &[("INGESTION_FAILPOINT", "pause-after-copy")],
+    );
+    let clean = setup.files.path().join("clean.csv");
+    random_file(&clean, 5 << 20, 4);
+    let eicar = setup.files.path().join("eicar.txt");
+    std::fs::write(&eicar, EICAR).unwrap();
+    let script = format!(
+        "put {} clean.csv\nput {} eicar.txt\n",
+        clean.display(),
+        eicar.display()
+    );
+    assert_success(&server.sftp("acme", &setup.key, &script), "uploads");
+    server.wait_for_jobs(30, "both copies made", |jobs| {
+        jobs.len() == 2 && jobs.iter().all(|job| job.copied_at.is_some())
+    });
+    server.kill9();
+    // Copied but not yet removed from landing: the file is in two places until the restart.
+    assert_eq!(server.files_in("buckets/delivered/acme"), ["clean.csv"]);
+    assert_eq!(server.files_in("buckets/quarantine"), ["acme/eicar.txt"]);
+    assert_eq!(
+        server.landing_listing(),
+        ["acme/clean.csv", "acme/eicar.txt"]
+    );
+
+    server.restart(&[]);
+    let jobs = server.wait_for_jobs(30, "jobs finished after the restart", |jobs| {
+        all_final(jobs, 2)
+    });
+    assert_eq!(job(&jobs, "clean.csv").state, JobState::Delivered);
+    assert_eq!(job(&jobs, "eicar.txt").state, JobState::Quarantined);
+    assert!(server.landing_listing().is_empty());
+    assert_eq!(server.files_in("buckets/delivered/acme"), ["clean.csv"]);
+    assert_eq!(server.files_in("buckets/quarantine"), ["acme/eicar.txt"]);
+    assert_eq!(
+        sha256_file(&server.dir.path().join("buckets/delivered/acme/clean.csv")),
+        sha256_file(&clean)
+    );
+}
+
+/// A file left in landing without a job (a crash after storing, before recording) is adopted at
+/// start, scanned and delivered.
+#[test]
+fn files_in_landing_without_a_job_are_adopted_at_start() {
+    let test = "files_in_landing_without_a_job_are_adopted_at_start";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let sections = "[scanner]\nengine = \"builtin\"\n";
+    let mut server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        sections,
+        Landing::Local,
+        &[],
+    );
+    let orphan = server
+        .dir
+        .path()
+        .join("buckets/landing/acme/sub/orphan.csv");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"left behind\n").unwrap();
+    server.restart(&[]);
+    let jobs = server.wait_for_jobs(30, "the orphan delivered", |jobs| all_final(jobs, 1));
+    assert_eq!(jobs[0].session, "reconcile");
+    assert_eq!(jobs[0].sha256.len(), 64);
+    assert_eq!(
+        server.files_in("buckets/delivered/acme"),
+        ["sub/orphan.csv"]
+    );
+    assert_eq!(server.events("adopted").len(), 1);
+}
+
+#[test]
+fn on_s3_with_kms_every_bucket_is_s3_and_metadata_is_stored() {
+    let test = "on_s3_with_kms_every_bucket_is_s3_and_metadata_is_stored";
+    let Some(setup) = setup(test, true) else {
+        return;
+    };
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
+        return;
+    }
+    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    let clamd = ClamdPeer::start_on_free_port();
+    let kms = "arn:aws:kms:eu-west-2:123456789012:key/11111111-2222-3333-4444-555555555555";
+    let mut user = UserSpec::new("acme", &setup.key);
+    user.destination = Some("s3://team-bucket/acme/deliveries".into());
+    user.destination_kms_key = Some(kms.into());
+    let server = Server::launch(
+        &[user],
+        "",
+        &clamd_sections(&clamd.address(), ""),
+        Landing::S3 {
+            endpoint: moto.endpoint.clone(),
+            bucket: "landing-bucket".into(),
+        },
+        &[],
+    );
+    let samples = samples(&setup);
+    upload_samples(&server, &setup, &samples);
+    let jobs = server.wait_for_jobs(60, "four final jobs", |jobs| all_final(jobs, 4));
+    check_verdicts(&jobs);
+
+    let key = "acme/deliveries/in/deep/data file.csv";
+    assert_eq!(
+        s3_get_object(&moto.endpoint, "team-bucket", key).unwrap(),
+        std::fs::read(&samples.clean).unwrap()
+    );
+    let head = s3_head(&moto.endpoint, "team-bucket", key).unwrap();
+    assert_eq!(head["SSEKMSKeyId"], kms, "{head}");
+    let clean = job(&jobs, "in/deep/data file.csv");
+    assert_eq!(
+        head["Metadata"]["ingestion-sha256"],
+        clean.sha256.as_str(),
+        "{head}"
+    );
+    assert_eq!(head["Metadata"]["ingestion-scan-result"], "clean", "{head}");
+    assert_eq!(head["Metadata"]["ingestion-scan-engine"], "clamd", "{head}");
+    assert_eq!(head["Metadata"]["ingestion-uploader"], "acme", "{head}");
+    assert!(
+        head["Metadata"]["ingestion-scan-time"]
+            .as_str()
+            .unwrap()
+            .starts_with("20"),
+        "{head}"
+    );
+    assert_eq!(
+        head["Tags"]["ingestion-sha256"],
+        clean.sha256.as_str(),
+        "{head}"
+    );
+
+    assert_eq!(s3_keys(&moto.endpoint, "team-bucket"), [key]);
+    assert_eq!(
+        s3_keys(&moto.endpoint, "landing-bucket-quarantine"),
+        ["acme/big.bin", "acme/bundle.zip", "acme/eicar.txt"]
+    );
+    let quarantined = s3_head(
+        &moto.endpoint,
+        "landing-bucket-quarantine",
+        "acme/eicar.txt",
+    )
+    .unwrap();
+    assert!(
+        quarantined["Metadata"]["ingestion-signature"]
+            .as_str()
+            .unwrap()
+            .contains("EICAR"),
+        "{quarantined}"
+    );
+    assert!(
+        server.landing_listing().is_empty(),
+        "{:?}",
+        server.landing_listing()
+    );
+}
