@@ -433,3 +433,75 @@ fn on_s3_with_kms_every_bucket_is_s3_and_metadata_is_stored() {
         server.landing_listing()
     );
 }
+
+/// A 6 GiB upload goes through landing, the scanner and delivery with the server's memory flat.
+/// Slow (minutes): runs when INGESTION_SLOW_TESTS=1, as .ci/run sets.
+#[test]
+fn a_6_gib_file_is_delivered_byte_exact_with_bounded_memory() {
+    let test = "a_6_gib_file_is_delivered_byte_exact_with_bounded_memory";
+    if std::env::var("INGESTION_SLOW_TESTS").is_err() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: slow; set INGESTION_SLOW_TESTS=1 (.ci/run does)"
+        );
+        return;
+    }
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let size: u64 = 6 << 30;
+    let source = setup.files.path().join("six.bin");
+    {
+        use std::io::{Read, Write};
+        let mut random = std::fs::File::open("/dev/urandom").unwrap();
+        let mut out = std::fs::File::create(&source).unwrap();
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..(size >> 20) {
+            random.read_exact(&mut block).unwrap();
+            out.write_all(&block).unwrap();
+        }
+    }
+    let expected = sha256_file(&source);
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "max_file_size = \"7 GiB\"",
+        "[scanner]\nengine = \"builtin\"\n",
+        Landing::Local,
+        &[],
+    );
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} six.bin\n", source.display()),
+        ),
+        "6 GiB upload",
+    );
+    let jobs = server.wait_for_jobs(1200, "the 6 GiB file delivered", |jobs| all_final(jobs, 1));
+    assert_eq!(
+        (jobs[0].state, jobs[0].size, jobs[0].sha256.as_str()),
+        (JobState::Delivered, size, expected.as_str())
+    );
+    std::fs::remove_file(&source).unwrap();
+    let delivered = server.dir.path().join("buckets/delivered/acme/six.bin");
+    assert_eq!(sha256_file(&delivered), expected);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let _ = {
+        use std::io::Write;
+        writeln!(
+            std::io::stderr(),
+            "{test}: peak RSS of the server {} MiB",
+            peak_kib / 1024
+        )
+    };
+    assert!(
+        peak_kib < 200 * 1024,
+        "peak RSS {peak_kib} KiB is not under 200 MiB"
+    );
+}

@@ -156,7 +156,11 @@ impl UserView {
 
     /// Holds a path for a change, waiting a little while a scan attempt has it (a retry against an
     /// unreachable scanner takes it only briefly); refuses if it stays busy.
-    async fn hold_or_refuse(&self, home: &VirtualPath, shown: &VirtualPath) -> Result<(), SftpError> {
+    async fn hold_or_refuse(
+        &self,
+        home: &VirtualPath,
+        shown: &VirtualPath,
+    ) -> Result<(), SftpError> {
         let deadline = tokio::time::Instant::now() + BUSY_WAIT;
         loop {
             match self.hold(&home.relative()).await? {
