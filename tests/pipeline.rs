@@ -264,24 +264,62 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
     assert_failure(&refused, "retrying a delivered transfer");
 }
 
-/// The server is killed with SIGKILL after copying a file to its destination and before removing
-/// it from landing; after a restart the file ends up in exactly one place.
-#[test]
-fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy() {
-    let test = "a_crash_between_copy_and_delete_converges_on_exactly_one_copy";
-    let Some(setup) = setup(test, false) else {
+/// Where the buckets of a crash test live, and how to list them.
+enum Buckets<'a> {
+    Local,
+    S3(&'a Moto),
+}
+
+impl Buckets<'_> {
+    fn landing(&self) -> Landing {
+        match self {
+            Buckets::Local => Landing::Local,
+            Buckets::S3(moto) => Landing::S3 {
+                endpoint: moto.endpoint.clone(),
+                bucket: "landing-bucket".into(),
+            },
+        }
+    }
+
+    fn delivered(&self, server: &Server) -> Vec<String> {
+        match self {
+            Buckets::Local => server.files_in("buckets/delivered/acme"),
+            Buckets::S3(moto) => s3_keys(&moto.endpoint, "team-bucket")
+                .into_iter()
+                .map(|key| key.trim_start_matches("acme/").to_string())
+                .collect(),
+        }
+    }
+
+    fn quarantined(&self, server: &Server) -> Vec<String> {
+        match self {
+            Buckets::Local => server.files_in("buckets/quarantine"),
+            Buckets::S3(moto) => s3_keys(&moto.endpoint, "landing-bucket-quarantine"),
+        }
+    }
+}
+
+/// The server is killed with SIGKILL after copying files to their destinations and before removing
+/// them from landing; after a restart each file ends up in exactly one place.
+fn crash_between_copy_and_delete(test: &str, buckets: Buckets) {
+    let Some(setup) = setup(test, true) else {
         return;
     };
-    let sections = "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"2s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n";
+    let clamd = ClamdPeer::start_on_free_port();
+    let mut user = UserSpec::new("acme", &setup.key);
+    if let Buckets::S3(_) = buckets {
+        user.destination = Some("s3://team-bucket/acme".into());
+    }
+    let sections = clamd_sections(&clamd.address(), "lease = \"2s\"\n");
     let mut server = Server::launch(
-        &[UserSpec::new("acme", &setup.key)],
+        &[user],
         "",
-        sections,
-        Landing::Local,
+        &sections,
+        buckets.landing(),
         &[("INGESTION_FAILPOINT", "pause-after-copy")],
     );
     let clean = setup.files.path().join("clean.csv");
-    random_file(&clean, 5 << 20, 4);
+    random_file(&clean, 6 << 20, 4);
     let eicar = setup.files.path().join("eicar.txt");
     std::fs::write(&eicar, EICAR).unwrap();
     let script = format!(
@@ -290,31 +328,68 @@ fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy() {
         eicar.display()
     );
     assert_success(&server.sftp("acme", &setup.key, &script), "uploads");
-    server.wait_for_jobs(30, "both copies made", |jobs| {
+    let copied = server.wait_for_jobs(60, "both copies made", |jobs| {
         jobs.len() == 2 && jobs.iter().all(|job| job.copied_at.is_some())
     });
     server.kill9();
-    // Copied but not yet removed from landing: the file is in two places until the restart.
-    assert_eq!(server.files_in("buckets/delivered/acme"), ["clean.csv"]);
-    assert_eq!(server.files_in("buckets/quarantine"), ["acme/eicar.txt"]);
+    // Copied but not yet removed from landing: each file is in two places until the restart.
     assert_eq!(
-        server.landing_listing(),
-        ["acme/clean.csv", "acme/eicar.txt"]
+        buckets.delivered(&server),
+        ["clean.csv"],
+        "{copied:#?}\n{}",
+        server.log()
+    );
+    assert_eq!(buckets.quarantined(&server), ["acme/eicar.txt"]);
+    assert_eq!(
+        server.landing_listing().len(),
+        2,
+        "{:?}",
+        server.landing_listing()
     );
 
     server.restart(&[]);
-    let jobs = server.wait_for_jobs(30, "jobs finished after the restart", |jobs| {
+    let jobs = server.wait_for_jobs(60, "jobs finished after the restart", |jobs| {
         all_final(jobs, 2)
     });
     assert_eq!(job(&jobs, "clean.csv").state, JobState::Delivered);
     assert_eq!(job(&jobs, "eicar.txt").state, JobState::Quarantined);
-    assert!(server.landing_listing().is_empty());
-    assert_eq!(server.files_in("buckets/delivered/acme"), ["clean.csv"]);
-    assert_eq!(server.files_in("buckets/quarantine"), ["acme/eicar.txt"]);
-    assert_eq!(
-        sha256_file(&server.dir.path().join("buckets/delivered/acme/clean.csv")),
-        sha256_file(&clean)
+    assert!(
+        server.landing_listing().is_empty(),
+        "{:?}",
+        server.landing_listing()
     );
+    assert_eq!(buckets.delivered(&server), ["clean.csv"]);
+    assert_eq!(buckets.quarantined(&server), ["acme/eicar.txt"]);
+    let delivered = match &buckets {
+        Buckets::Local => {
+            std::fs::read(server.dir.path().join("buckets/delivered/acme/clean.csv")).unwrap()
+        }
+        Buckets::S3(moto) => {
+            s3_get_object(&moto.endpoint, "team-bucket", "acme/clean.csv").unwrap()
+        }
+    };
+    assert!(
+        delivered == std::fs::read(&clean).unwrap(),
+        "the delivered bytes differ"
+    );
+}
+
+#[test]
+fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy() {
+    crash_between_copy_and_delete(
+        "a_crash_between_copy_and_delete_converges_on_exactly_one_copy",
+        Buckets::Local,
+    );
+}
+
+#[test]
+fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy_on_s3() {
+    let test = "a_crash_between_copy_and_delete_converges_on_exactly_one_copy_on_s3";
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
+        return;
+    }
+    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    crash_between_copy_and_delete(test, Buckets::S3(&moto));
 }
 
 /// A file left in landing without a job (a crash after storing, before recording) is adopted at
