@@ -132,19 +132,6 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let landing = open_bucket("landing", &config.buckets.landing).await?;
     let quarantine = open_bucket("quarantine", &config.buckets.quarantine).await?;
     let scanner = scanner(&config.scanner).await;
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
-    let listen = listener.local_addr()?;
-    audit.record(
-        &Subject::default(),
-        Event::ServiceStarted {
-            listen: listen.to_string(),
-            host_key_fingerprint: fingerprint.clone(),
-            users: users.len(),
-        },
-    );
-    tracing::info!(%listen, host_key = %fingerprint, users = users.len(), "ingestion is listening");
     let users = Arc::new(SharedUsers::new(users));
     let landed = Arc::new(tokio::sync::Notify::new());
     let pipeline = Arc::new(Pipeline::new(
@@ -167,6 +154,19 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
             "files in landing had no job (a crash before recording?); they were given one"
         );
     }
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+    let listen = listener.local_addr()?;
+    audit.record(
+        &Subject::default(),
+        Event::ServiceStarted {
+            listen: listen.to_string(),
+            host_key_fingerprint: fingerprint.clone(),
+            users: users.current().len(),
+        },
+    );
+    tracing::info!(%listen, host_key = %fingerprint, users = users.current().len(), "ingestion is listening");
     let door = Arc::new(FrontDoor::new(
         users,
         landed,

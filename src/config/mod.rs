@@ -19,7 +19,7 @@ use crate::pipeline::Settings as PipelineSettings;
 use crate::scan::ClamdAddress;
 use crate::storage::Location;
 pub use problem::{FileReporter, Problem, Problems};
-pub use user::{Egress, SharedUsers, User, Users, canonical_ip};
+pub use user::{Egress, SharedUsers, User, Users, canonical_ip, check_username};
 
 /// The validated service configuration.
 ///
@@ -183,7 +183,42 @@ impl Config {
         })?;
         let config = Config::parse(file, &text)?;
         let users = Users::load_dir(&config.users_dir, &config.base_dir())?;
+        config.check_users_against_buckets(&users)?;
         Ok((config, users))
+    }
+
+    /// A destination or egress area inside landing or quarantine (or the other way round) would let
+    /// files loop, or let a user read what they must not: refuse such overlaps.
+    pub fn check_users_against_buckets(&self, users: &Users) -> Result<(), Problems> {
+        let mut problems = Problems::default();
+        for user in users.iter() {
+            let mut areas = vec![("destination", &user.destination)];
+            if let Some(egress) = &user.egress {
+                areas.push(("egress.location", &egress.location));
+            }
+            for (field, area) in areas {
+                for (bucket, location) in [
+                    ("buckets.landing", &self.buckets.landing),
+                    ("buckets.quarantine", &self.buckets.quarantine),
+                ] {
+                    if area.overlaps(location) {
+                        problems.0.push(Problem {
+                            file: user.file.clone(),
+                            position: None,
+                            field: field.to_string(),
+                            message: format!(
+                                "{area} overlaps {bucket} ({location}); give it a bucket or folder of its own"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 
     /// Validates the text of a configuration file (no I/O).
@@ -243,11 +278,13 @@ impl Config {
             };
         let landing = location("buckets.landing", &raw.buckets.landing);
         let quarantine = location("buckets.quarantine", &raw.buckets.quarantine);
-        if landing.is_some() && landing == quarantine {
+        if let (Some(landing), Some(quarantine)) = (&landing, &quarantine)
+            && landing.overlaps(quarantine)
+        {
             report.at(
                 Some(raw.buckets.quarantine.span()),
                 "buckets.quarantine",
-                "the quarantine must not be the landing bucket; give it its own bucket or folder",
+                "the quarantine must not be inside the landing bucket or contain it; give it its own bucket or folder",
             );
         }
         let database = match &raw.state.database {
@@ -587,6 +624,35 @@ database = "mysql://x"
         assert_eq!(
             fields,
             ["scanner.timeout", "scanner.engine", "pipeline.workers"]
+        );
+    }
+
+    #[test]
+    fn user_areas_must_not_overlap_landing_or_quarantine() {
+        let config = Config::parse(Path::new("/etc/ingestion/ingestion.toml"), MINIMAL).unwrap();
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMvPbXlmoH1N5LmRUBXOfT0Mb2fcJM2wGwz1DC1EmnJ1";
+        let user = |destination: &str, egress: &str| {
+            let text = format!(
+                "username = \"acme\"\nname = \"J\"\nemail = \"j@acme.example\"\nssh_keys = [\"{key}\"]\n\
+                 destination = \"{destination}\"\n[egress]\nlocation = \"{egress}\"\n"
+            );
+            let user = user::parse_user(
+                Path::new("/etc/ingestion/users/acme.toml"),
+                &text,
+                Path::new("/etc"),
+            )
+            .unwrap();
+            let mut problems = Problems::default();
+            let users = Users::from_users(vec![user], &mut problems);
+            config.check_users_against_buckets(&users)
+        };
+        assert!(user("/srv/delivered", "/srv/egress").is_ok());
+        let problems = user("/srv/landing/acme", "/srv").unwrap_err();
+        let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["destination", "egress.location", "egress.location"]
         );
     }
 

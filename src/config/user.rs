@@ -64,7 +64,8 @@ pub fn canonical_ip(address: IpAddr) -> IpAddr {
     }
 }
 
-/// The current users, shared by the front door and the pipeline and replaced whole on reload.
+/// The current users, shared by the front door and the pipeline; read through [`SharedUsers::current`]
+/// so that replacing the whole set at once is possible.
 #[derive(Debug, Default)]
 pub struct SharedUsers {
     current: std::sync::RwLock<Arc<Users>>,
@@ -147,7 +148,7 @@ impl Users {
     }
 
     /// Builds the directory, refusing an SSH key shared by two users.
-    fn from_users(users: Vec<User>, problems: &mut Problems) -> Users {
+    pub(super) fn from_users(users: Vec<User>, problems: &mut Problems) -> Users {
         let mut owner_of_key: HashMap<KeyData, String> = HashMap::new();
         let mut by_name = BTreeMap::new();
         for user in users {

@@ -126,9 +126,13 @@ impl Pipeline {
     /// Gives a job to every file in landing that has none (a crash between storing a file and
     /// recording it). Returns how many were adopted.
     pub async fn reconcile(&self) -> Result<usize, StepError> {
-        let mut objects = self.landing.store().list(None);
+        let prefix = self.landing.key::<&str>(&[]);
+        let prefix_len = prefix.parts().count();
+        let mut objects = self
+            .landing
+            .store()
+            .list((prefix_len > 0).then_some(&prefix));
         let mut adopted = 0;
-        let prefix_len = self.landing.key::<&str>(&[]).parts().count();
         while let Some(object) = objects.try_next().await? {
             let parts: Vec<String> = object
                 .location
@@ -139,7 +143,8 @@ impl Pipeline {
             let Some((username, path)) = parts.split_first() else {
                 continue;
             };
-            if path.is_empty() {
+            if path.is_empty() || crate::config::check_username(username).is_err() {
+                tracing::warn!(object = %object.location, "an object in landing is outside every home; left alone");
                 continue;
             }
             let path = path.join("/");

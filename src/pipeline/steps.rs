@@ -165,16 +165,15 @@ impl Pipeline {
                 }
             }
             Err(object_store::Error::NotFound { .. }) => {
-                // Gone from landing: a crash after the copy. Finish only if the copy is there.
-                match target.store().head(&key).await {
-                    Ok(meta) if meta.size == job.size => {}
-                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {
-                        return Err(StepError::Other(format!(
-                            "/{} is gone from landing and is not at {url}",
-                            job.path
-                        )));
-                    }
-                    Err(error) => return Err(error.into()),
+                // Gone from landing: a crash after the copy. Finish only if the copy is known to be
+                // complete (recorded), or the target holds exactly the uploaded bytes.
+                let recorded =
+                    job.copied_at.is_some() && job.routed_to.as_deref() == Some(url.as_str());
+                if !recorded && !holds_bytes(&target, &key, &job.sha256).await? {
+                    return Err(StepError::Other(format!(
+                        "/{} is gone from landing and {url} does not hold its bytes",
+                        job.path
+                    )));
                 }
             }
             Err(error) => return Err(error.into()),
@@ -266,6 +265,24 @@ impl Pipeline {
         upload.finish().await?;
         Ok(())
     }
+}
+
+/// Whether `key` in `bucket` holds bytes with this SHA-256 (never true for an unknown hash).
+async fn holds_bytes(bucket: &Bucket, key: &ObjectPath, sha256: &str) -> Result<bool, StepError> {
+    if sha256.is_empty() {
+        return Ok(false);
+    }
+    let object = match bucket.store().get(key).await {
+        Ok(object) => object,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(error) => return Err(error.into()),
+    };
+    let mut hasher = Sha256::new();
+    let mut stream = object.into_stream();
+    while let Some(chunk) = stream.try_next().await? {
+        hasher.update(&chunk);
+    }
+    Ok(hex(&hasher.finalize()) == sha256)
 }
 
 /// `s3://bucket/key` or `file:///path` of an object, for records and alerts.

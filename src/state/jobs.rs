@@ -357,7 +357,8 @@ impl State {
     }
 
     /// Records a file found in landing without a job (after a crash between storing and recording).
-    /// Returns `None` when the path already has an unfinished job.
+    /// Returns `None` when the path already has an unfinished or failed job (a failed job's file
+    /// stays in landing and waits for the operator).
     pub async fn adopt_orphan(
         &self,
         username: &str,
@@ -369,7 +370,7 @@ impl State {
             "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
              SELECT $1, $2, $3, '', 'landed', 'reconcile', $4, $4 WHERE NOT EXISTS \
              (SELECT 1 FROM jobs WHERE username = $1 AND path = $2 \
-              AND state IN ('landed', 'clean', 'infected', 'unscannable')) RETURNING id",
+              AND state IN ('landed', 'clean', 'infected', 'unscannable', 'failed')) RETURNING id",
         )
         .bind(username)
         .bind(path)

@@ -26,6 +26,26 @@ impl fmt::Display for Location {
 }
 
 impl Location {
+    /// Whether one location is inside the other (or they are the same).
+    pub fn overlaps(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::Local { root: a }, Location::Local { root: b }) => {
+                a.starts_with(b) || b.starts_with(a)
+            }
+            (
+                Location::S3 {
+                    bucket: a,
+                    prefix: p,
+                },
+                Location::S3 {
+                    bucket: b,
+                    prefix: q,
+                },
+            ) => a == b && (p.starts_with(q) || q.starts_with(p)),
+            _ => false,
+        }
+    }
+
     /// Parses a location. Relative local paths are taken relative to `base` (the config file's folder).
     pub fn parse(text: &str, base: &Path) -> Result<Location, String> {
         let text = text.trim();
@@ -167,6 +187,18 @@ mod tests {
         check("file://relative/path", Err(()));
         check("gs://bucket", Err(()));
         check("", Err(()));
+    }
+
+    #[test]
+    fn overlaps() {
+        let at = |text: &str| Location::parse(text, Path::new("/srv")).unwrap();
+        assert!(at("s3://bkt/landing").overlaps(&at("s3://bkt/landing/acme")));
+        assert!(at("s3://bkt").overlaps(&at("s3://bkt/x")));
+        assert!(!at("s3://bkt/landing").overlaps(&at("s3://bkt/landing-2")));
+        assert!(!at("s3://bkt/x").overlaps(&at("s3://ckt/x")));
+        assert!(at("/srv/a").overlaps(&at("/srv/a/b")));
+        assert!(!at("/srv/a").overlaps(&at("/srv/ab")));
+        assert!(!at("/srv/a").overlaps(&at("s3://bkt/srv/a")));
     }
 
     #[test]
