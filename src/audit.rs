@@ -137,6 +137,21 @@ pub enum Event {
     JobRetryRequested {
         job: i64,
     },
+    /// The users were read again (SIGHUP or `ingestion reload`).
+    UsersReloaded {
+        users: usize,
+    },
+    /// A reload found an invalid configuration; the previous users stay in force.
+    ReloadRejected {
+        error: String,
+    },
+    UserAdded {
+        username: String,
+        key_fingerprints: Vec<String>,
+    },
+    UserRemoved {
+        username: String,
+    },
 }
 
 #[derive(Serialize)]

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `quickstart` and `transfers`.
+//! The command line: `serve`, `check`, `quickstart`, `transfers`, `user`, `policy` and `reload`.
 //!
 //! The only layer that uses `anyhow`: it turns every module's typed error into a message for the
 //! operator. It wires modules together and holds no logic of its own beyond that.
@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use crate::audit::{Audit, Event, Subject};
 use crate::config::{self, Config, SharedUsers, Users};
 use crate::hostkey;
+use crate::onboarding::{self, Environment, NewUser};
 use crate::pipeline::Pipeline;
 use crate::scan::{Builtin, Clamd, Scanner};
 use crate::sftp::{FrontDoor, ssh_config};
@@ -56,6 +57,28 @@ pub enum Command {
         #[arg(long, default_value_t = 2222)]
         port: u16,
     },
+    /// Onboard, list, show and remove supplier accounts.
+    User {
+        /// The configuration file.
+        #[arg(long, short, default_value = "ingestion.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Print the policy statements a team adds to its destination bucket or KMS key.
+    Policy {
+        /// The configuration file ([onboarding] account ids); the guide's values if absent.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Make the running service read the users again (sends SIGHUP to the pid in server.pid_file).
+    Reload {
+        /// The configuration file.
+        #[arg(long, short, default_value = "ingestion.toml")]
+        config: PathBuf,
+    },
     /// See and retry transfers (jobs).
     Transfers {
         /// The configuration file.
@@ -87,6 +110,74 @@ pub enum TransfersCommand {
     Retry { id: i64 },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Write users/<username>.toml from an onboarding request, after every check, and print what to do next.
+    Add {
+        #[arg(long)]
+        username: String,
+        /// The supplier's named contact.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        email: String,
+        /// A .pub file or the key text (OpenSSH or RFC 4716); repeat for several keys.
+        #[arg(long = "ssh-key", required = true, allow_hyphen_values = true)]
+        ssh_keys: Vec<String>,
+        /// An address or CIDR the supplier connects from; repeat for several.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<String>,
+        /// s3://bucket[/prefix] or a local folder.
+        #[arg(long)]
+        destination: String,
+        /// KMS key ARN of the destination bucket.
+        #[arg(long)]
+        kms_key: Option<String>,
+        /// s3://bucket[/prefix] of a read-only /download area.
+        #[arg(long)]
+        egress_location: Option<String>,
+        #[arg(long)]
+        egress_kms_key: Option<String>,
+        /// Accept 0.0.0.0/0 or ::/0 as an allowed network.
+        #[arg(long)]
+        allow_any_ip: bool,
+        /// Replace an existing user file.
+        #[arg(long)]
+        force: bool,
+        /// Which service account the printed policy statements name.
+        #[arg(long = "env", value_enum, default_value = "production")]
+        environment: Environment,
+    },
+    /// A table of every user.
+    List,
+    /// Everything about one user.
+    Show { username: String },
+    /// Delete a user's file (run `ingestion reload` to apply it to the running service).
+    Remove { username: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The destination bucket policy statement.
+    Bucket {
+        #[arg(long)]
+        bucket: String,
+        #[arg(long = "env", value_enum)]
+        environment: Environment,
+        /// Print a whole policy document instead of the statement.
+        #[arg(long)]
+        document: bool,
+    },
+    /// The KMS key policy statement.
+    Kms {
+        #[arg(long = "env", value_enum)]
+        environment: Environment,
+        /// Print a whole policy document instead of the statement.
+        #[arg(long)]
+        document: bool,
+    },
+}
+
 fn parse_state(text: &str) -> Result<JobState, String> {
     JobState::parse(text).ok_or_else(|| {
         let names: Vec<&str> = JobState::ALL.iter().map(|state| state.as_str()).collect();
@@ -100,6 +191,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => check(&config),
         Command::Quickstart { dir, port } => quickstart(&dir, port).await,
         Command::Transfers { config, command } => transfers(&config, command).await,
+        Command::User { config, command } => user(&config, command),
+        Command::Policy { config, command } => policy(config.as_deref(), command),
+        Command::Reload { config } => reload(&config),
     }
 }
 
@@ -109,6 +203,11 @@ fn load(config: &Path) -> anyhow::Result<(Config, Users)> {
 
 fn check(config: &Path) -> anyhow::Result<()> {
     let (config, users) = load(config)?;
+    for user in users.iter() {
+        for warning in config::warnings(user) {
+            println!("warning: {warning}");
+        }
+    }
     println!(
         "{}: valid ({} user{})",
         config.file.display(),
@@ -167,6 +266,8 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         },
     );
     tracing::info!(%listen, host_key = %fingerprint, users = users.current().len(), "ingestion is listening");
+    let users_handle = users.clone();
+    let audit_handle = audit.clone();
     let door = Arc::new(FrontDoor::new(
         users,
         landed,
@@ -177,6 +278,16 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         ssh_config(host_key),
     ));
     let pipeline = tokio::spawn(pipeline.run());
+    // Listen for SIGHUP before publishing the pid, so an early `ingestion reload` cannot kill us.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    tokio::spawn(reload_on_hangup(
+        hangups,
+        config_path.to_path_buf(),
+        users_handle,
+        audit_handle,
+    ));
+    let _pid_file = PidFile::write(&config.server.pid_file)?;
     tokio::select! {
         result = door.run(listener) => result.context("the SFTP listener failed"),
         _ = pipeline => Err(anyhow!("the pipeline stopped")),
@@ -396,4 +507,282 @@ fn describe(job: &Job) -> String {
         .iter()
         .map(|(name, value)| format!("{name:>10}: {value}\n"))
         .collect()
+}
+
+/// The pid file of a running `serve`, removed when it stops.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &Path) -> anyhow::Result<PidFile> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, format!("{}\n", std::process::id())).with_context(|| {
+            format!(
+                "cannot write the pid file {} (server.pid_file)",
+                path.display()
+            )
+        })?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// On SIGHUP, reads the configuration and users again and swaps the users in whole; an invalid
+/// configuration is rejected whole (the previous users stay), logged and audited.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    config_path: PathBuf,
+    users: Arc<SharedUsers>,
+    audit: Arc<Audit>,
+) {
+    while hangups.recv().await.is_some() {
+        match Config::load(&config_path) {
+            Ok((_, loaded)) => {
+                let count = loaded.len();
+                users.replace(loaded);
+                tracing::info!(users = count, "users reloaded");
+                audit.record(&Subject::default(), Event::UsersReloaded { users: count });
+            }
+            Err(problems) => {
+                let error = problems.to_string();
+                tracing::error!("reload rejected, the previous users stay in force: {error}");
+                audit.record(&Subject::default(), Event::ReloadRejected { error });
+            }
+        }
+    }
+}
+
+fn reload(config_path: &Path) -> anyhow::Result<()> {
+    let (config, users) = load(config_path)?;
+    let text = std::fs::read_to_string(&config.server.pid_file).with_context(|| {
+        format!(
+            "cannot read {}: is the service running with this configuration?",
+            config.server.pid_file.display()
+        )
+    })?;
+    let pid: i32 = text.trim().parse().map_err(|_| {
+        anyhow!(
+            "{} does not hold a process id",
+            config.server.pid_file.display()
+        )
+    })?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .with_context(|| format!("cannot signal process {pid} (is the service still running?)"))?;
+    println!(
+        "asked the service (pid {pid}) to reload: {} user(s) configured",
+        users.len()
+    );
+    Ok(())
+}
+
+fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
+    let (config, users) = load(config_path)?;
+    match command {
+        UserCommand::Add {
+            username,
+            name,
+            email,
+            ssh_keys,
+            ips,
+            destination,
+            kms_key,
+            egress_location,
+            egress_kms_key,
+            allow_any_ip,
+            force,
+            environment,
+        } => {
+            let request = NewUser {
+                username,
+                name,
+                email,
+                ssh_keys,
+                ips,
+                destination,
+                kms_key,
+                egress_location,
+                egress_kms_key,
+                allow_any_ip,
+                force,
+            };
+            let added = onboarding::add_user(&config, &users, &request)
+                .map_err(|error| anyhow!("{error}"))?;
+            for warning in &added.warnings {
+                println!("warning: {warning}");
+            }
+            let audit = Audit::open(&config.server.audit_log)?;
+            audit.record(
+                &Subject::default(),
+                Event::UserAdded {
+                    username: added.user.username.clone(),
+                    key_fingerprints: onboarding::fingerprints(&added.user),
+                },
+            );
+            print!(
+                "{}",
+                next_steps(&config, &added.user, environment, &added.file)?
+            );
+        }
+        UserCommand::List => {
+            println!(
+                "{:<20}  {:<32}  {:<8}  {:<36}  {:<36}  KEYS",
+                "USERNAME", "CONTACT", "EGRESS", "IPS", "DESTINATION"
+            );
+            for user in users.iter() {
+                let ips: Vec<String> = user.allowed_ips.iter().map(ToString::to_string).collect();
+                println!(
+                    "{:<20}  {:<32}  {:<8}  {:<36}  {:<36}  {}",
+                    user.username,
+                    format!("{} <{}>", user.name, user.email),
+                    if user.egress.is_some() { "yes" } else { "no" },
+                    ips.join(","),
+                    user.destination.to_string(),
+                    onboarding::fingerprints(user).join(",")
+                );
+            }
+        }
+        UserCommand::Show { username } => {
+            let user = users.get(&username).ok_or_else(|| {
+                anyhow!("there is no user `{username}`; see `ingestion user list`")
+            })?;
+            println!("username: {}", user.username);
+            println!("contact: {} <{}>", user.name, user.email);
+            println!("file: {}", user.file.display());
+            for key in &user.ssh_keys {
+                println!(
+                    "key: {} {}",
+                    key.algorithm().as_str(),
+                    key.fingerprint(russh::keys::HashAlg::Sha256)
+                );
+            }
+            for net in &user.allowed_ips {
+                println!("allowed ip: {net}");
+            }
+            println!("destination: {}", user.destination);
+            if let Some(kms) = &user.destination_kms_key {
+                println!("destination kms key: {kms}");
+            }
+            if let Some(egress) = &user.egress {
+                println!("egress: {}", egress.location);
+            }
+            println!(
+                "connect: {}",
+                onboarding::connection_command(&config, &user.username)
+            );
+            for warning in config::warnings(&user) {
+                println!("warning: {warning}");
+            }
+        }
+        UserCommand::Remove { username } => {
+            let user = users.get(&username).ok_or_else(|| {
+                anyhow!("there is no user `{username}`; see `ingestion user list`")
+            })?;
+            std::fs::remove_file(&user.file)
+                .with_context(|| format!("cannot remove {}", user.file.display()))?;
+            let audit = Audit::open(&config.server.audit_log)?;
+            audit.record(
+                &Subject::default(),
+                Event::UserRemoved {
+                    username: username.clone(),
+                },
+            );
+            println!(
+                "removed {}; run `ingestion reload --config {}` so that the running service refuses new logins",
+                user.file.display(),
+                config.file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What an operator does after `user add`: policies for the team, reload, the supplier's command.
+fn next_steps(
+    config: &Config,
+    user: &crate::config::User,
+    environment: Environment,
+    file: &Path,
+) -> anyhow::Result<String> {
+    let mut out = format!("wrote {}\n\nNext steps:\n", file.display());
+    let mut step = 1;
+    if let Some(bucket) = onboarding::s3_bucket(&user.destination) {
+        let statement = config
+            .onboarding
+            .bucket_statement(bucket, environment)
+            .map_err(|e| anyhow!(e))?;
+        out.push_str(&format!(
+            "{step}. The destination bucket's owner adds this statement to the policy of {bucket}:\n{}\n",
+            serde_json::to_string_pretty(&statement)?
+        ));
+        step += 1;
+    }
+    if user.destination_kms_key.is_some() {
+        let statement = config.onboarding.kms_statement(environment);
+        out.push_str(&format!(
+            "{step}. The KMS key's owner adds this statement to the key policy:\n{}\n",
+            serde_json::to_string_pretty(&statement)?
+        ));
+        step += 1;
+    }
+    out.push_str(&format!(
+        "{step}. Apply it to the running service: ingestion reload --config {}\n",
+        config.file.display()
+    ));
+    step += 1;
+    out.push_str(&format!(
+        "{step}. Send the supplier their connection command:\n   {}\n",
+        onboarding::connection_command(config, &user.username)
+    ));
+    if let Ok(host_key) = hostkey::load_existing(&config.server.host_key_dir) {
+        out.push_str(&format!(
+            "   (the server's host key fingerprint is {})\n",
+            hostkey::fingerprint(&host_key)
+        ));
+    }
+    Ok(out)
+}
+
+fn policy(config_path: Option<&Path>, command: PolicyCommand) -> anyhow::Result<()> {
+    let onboarding = match config_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Config::parse(path, &text)
+                .map_err(|problems| anyhow!("{problems}"))?
+                .onboarding
+        }
+        None => crate::config::Onboarding::default(),
+    };
+    let (statement, document) = match command {
+        PolicyCommand::Bucket {
+            bucket,
+            environment,
+            document,
+        } => (
+            onboarding
+                .bucket_statement(&bucket, environment)
+                .map_err(|e| anyhow!(e))?,
+            document,
+        ),
+        PolicyCommand::Kms {
+            environment,
+            document,
+        } => (onboarding.kms_statement(environment), document),
+    };
+    let value = if document {
+        onboarding::policy_document(vec![statement])
+    } else {
+        statement
+    };
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }

@@ -58,6 +58,11 @@ pub fn load_or_generate(dir: &Path) -> Result<PrivateKey, HostKeyError> {
     Ok(key)
 }
 
+/// Loads the host key if it exists, without generating one.
+pub fn load_existing(dir: &Path) -> Result<PrivateKey, HostKeyError> {
+    load(&dir.join(FILE_NAME))
+}
+
 fn load(path: &Path) -> Result<PrivateKey, HostKeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| HostKeyError::Read {
         path: path.to_path_buf(),

@@ -19,7 +19,10 @@ use crate::pipeline::Settings as PipelineSettings;
 use crate::scan::ClamdAddress;
 use crate::storage::Location;
 pub use problem::{FileReporter, Problem, Problems};
-pub use user::{Egress, SharedUsers, User, Users, canonical_ip, check_username};
+pub use user::{
+    Egress, SharedUsers, User, Users, canonical_ip, check_username, parse_cidr, parse_public_keys,
+    parse_user, warnings,
+};
 
 /// The validated service configuration.
 ///
@@ -38,6 +41,29 @@ pub struct Config {
     pub users_dir: PathBuf,
     pub scanner: Scanner,
     pub pipeline: PipelineSettings,
+    pub onboarding: Onboarding,
+}
+
+/// What onboarding commands need: the AWS accounts and role of the service, per environment.
+///
+/// # Defaults
+/// The accounts from the onboarding guide: production 471112983409, development 730335344807; role
+/// `transfer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Onboarding {
+    pub production_account_id: String,
+    pub development_account_id: String,
+    pub role_name: String,
+}
+
+impl Default for Onboarding {
+    fn default() -> Onboarding {
+        Onboarding {
+            production_account_id: "471112983409".into(),
+            development_account_id: "730335344807".into(),
+            role_name: "transfer".into(),
+        }
+    }
 }
 
 /// Which malware scanner runs.
@@ -62,6 +88,10 @@ pub struct Server {
     pub max_file_size: u64,
     /// JSON-lines audit file.
     pub audit_log: PathBuf,
+    /// The host name suppliers connect to, shown in their connection command.
+    pub public_host: Option<String>,
+    /// Where `serve` writes its process id, for `ingestion reload`.
+    pub pid_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +125,19 @@ struct RawConfig {
     scanner: RawScanner,
     #[serde(default)]
     pipeline: RawPipeline,
+    #[serde(default)]
+    onboarding: RawOnboarding,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOnboarding {
+    /// The service's AWS account in production (12 digits).
+    production_account_id: Option<Spanned<String>>,
+    /// The service's AWS account in development (12 digits).
+    development_account_id: Option<Spanned<String>>,
+    /// The IAM role the service runs as.
+    role_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -137,6 +180,10 @@ struct RawServer {
     max_file_size: Option<Spanned<String>>,
     /// JSON-lines audit file.
     audit_log: Option<String>,
+    /// Host name suppliers connect to (for the connection command printed by `user add`).
+    public_host: Option<String>,
+    /// Process id file for `ingestion reload`.
+    pid_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +348,7 @@ impl Config {
         };
         let scanner = parse_scanner(&raw.scanner, &mut report);
         let pipeline = parse_pipeline(&raw.pipeline, &mut report);
+        let onboarding = parse_onboarding(&raw.onboarding, &mut report);
 
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
@@ -321,6 +369,8 @@ impl Config {
                         host_key_dir: relative(&raw.server.host_key_dir, "state/host_keys"),
                         max_file_size,
                         audit_log: relative(&raw.server.audit_log, "state/audit.jsonl"),
+                        public_host: raw.server.public_host.clone(),
+                        pid_file: relative(&raw.server.pid_file, "state/ingestion.pid"),
                     },
                     buckets: Buckets {
                         landing,
@@ -330,6 +380,7 @@ impl Config {
                     users_dir: relative(&raw.users.dir, "users"),
                     scanner,
                     pipeline,
+                    onboarding,
                 })
             }
             _ => Err(problems),
@@ -496,6 +547,58 @@ fn parse_pipeline(raw: &RawPipeline, report: &mut FileReporter) -> PipelineSetti
         );
     }
     settings
+}
+
+fn parse_onboarding(raw: &RawOnboarding, report: &mut FileReporter) -> Onboarding {
+    let defaults = Onboarding::default();
+    let mut account = |field: &str, value: &Option<Spanned<String>>, default: String| match value {
+        None => default,
+        Some(value)
+            if value.get_ref().len() == 12
+                && value.get_ref().bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            value.get_ref().clone()
+        }
+        Some(value) => {
+            report.at(Some(value.span()), field, "an AWS account id is 12 digits");
+            default
+        }
+    };
+    let production_account_id = account(
+        "onboarding.production_account_id",
+        &raw.production_account_id,
+        defaults.production_account_id,
+    );
+    let development_account_id = account(
+        "onboarding.development_account_id",
+        &raw.development_account_id,
+        defaults.development_account_id,
+    );
+    let role_name = match &raw.role_name {
+        None => defaults.role_name,
+        Some(role)
+            if !role.get_ref().is_empty()
+                && role
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)) =>
+        {
+            role.get_ref().clone()
+        }
+        Some(role) => {
+            report.at(
+                Some(role.span()),
+                "onboarding.role_name",
+                "not an IAM role name (letters, digits and +=,.@_-)",
+            );
+            defaults.role_name
+        }
+    };
+    Onboarding {
+        production_account_id,
+        development_account_id,
+        role_name,
+    }
 }
 
 fn parse_database(url: &str, base: &Path) -> Result<Database, String> {

@@ -84,6 +84,15 @@ impl SharedUsers {
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+
+    /// Replaces every user at once; sessions already open keep the user they logged in as.
+    pub fn replace(&self, users: Users) {
+        let users = Arc::new(users);
+        match self.current.write() {
+            Ok(mut current) => *current = users,
+            Err(poisoned) => *poisoned.into_inner() = users,
+        }
+    }
 }
 
 /// All users, by username.
@@ -148,7 +157,8 @@ impl Users {
     }
 
     /// Builds the directory, refusing an SSH key shared by two users.
-    pub(super) fn from_users(users: Vec<User>, problems: &mut Problems) -> Users {
+    /// Builds the directory from validated users, refusing an SSH key shared by two users.
+    pub fn from_users(users: Vec<User>, problems: &mut Problems) -> Users {
         let mut owner_of_key: HashMap<KeyData, String> = HashMap::new();
         let mut by_name = BTreeMap::new();
         for user in users {
@@ -367,6 +377,138 @@ fn check_kms_key(arn: &str) -> Result<(), String> {
     }
 }
 
+/// Parses every public key in `text`: OpenSSH lines (one a line, `#` comments skipped, as in a `.pub`
+/// or authorized_keys file) or RFC 4716 blocks (`---- BEGIN SSH2 PUBLIC KEY ----`). Private keys and
+/// weak algorithms are refused, as in [`parse_public_key`].
+pub fn parse_public_keys(text: &str) -> Result<Vec<PublicKey>, String> {
+    if text.contains("PRIVATE KEY") {
+        return parse_public_key(text).map(|key| vec![key]);
+    }
+    if text.contains("---- BEGIN SSH2 PUBLIC KEY ----") {
+        return parse_rfc4716(text);
+    }
+    let keys: Vec<PublicKey> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(parse_public_key)
+        .collect::<Result<_, _>>()?;
+    if keys.is_empty() {
+        return Err(
+            "no public key found; expected a line like `ssh-ed25519 AAAA... comment`".into(),
+        );
+    }
+    Ok(keys)
+}
+
+/// Parses RFC 4716 ("SSH2") public key blocks, keeping a `Comment:` header as the key's comment.
+fn parse_rfc4716(text: &str) -> Result<Vec<PublicKey>, String> {
+    use base64::Engine as _;
+    let mut keys = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if line != "---- BEGIN SSH2 PUBLIC KEY ----" {
+            continue;
+        }
+        let mut body = String::new();
+        let mut comment = String::new();
+        let mut continued = false;
+        let mut ended = false;
+        for line in lines.by_ref() {
+            if line == "---- END SSH2 PUBLIC KEY ----" {
+                ended = true;
+                break;
+            }
+            if continued || line.contains(':') {
+                // A header; a trailing backslash continues it on the next line.
+                if let Some(value) = line.strip_prefix("Comment:") {
+                    comment = value.trim().trim_matches('"').to_string();
+                }
+                continued = line.ends_with('\\');
+                continue;
+            }
+            body.push_str(line);
+        }
+        if !ended {
+            return Err("an RFC 4716 key block has no `---- END SSH2 PUBLIC KEY ----` line".into());
+        }
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(body.as_bytes())
+            .map_err(|error| format!("the RFC 4716 key body is not valid base64 ({error})"))?;
+        let mut key = PublicKey::from_bytes(&blob)
+            .map_err(|error| format!("the RFC 4716 block does not hold a public key ({error})"))?;
+        key.set_comment(comment.as_str());
+        let line = key
+            .to_openssh()
+            .map_err(|error| format!("cannot re-encode the RFC 4716 key ({error})"))?;
+        keys.push(parse_public_key(&line)?);
+    }
+    Ok(keys)
+}
+
+/// Inboxes that are not a person: the guide asks for a named contact.
+const GENERIC_INBOXES: &[&str] = &[
+    "info",
+    "admin",
+    "support",
+    "noreply",
+    "no-reply",
+    "contact",
+    "office",
+    "enquiries",
+    "hello",
+    "sales",
+    "team",
+    "help",
+];
+
+/// Things that are allowed but probably mistakes, for `check` and `user add` to print.
+pub fn warnings(user: &User) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let local = user
+        .email
+        .split('@')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if GENERIC_INBOXES.contains(&local.as_str()) {
+        warnings.push(format!(
+            "{}: `{}` looks like a shared inbox; the guide asks for a named person's address",
+            user.file.display(),
+            user.email
+        ));
+    }
+    for net in &user.allowed_ips {
+        if net.prefix_len() == 0 {
+            warnings.push(format!(
+                "{}: {net} allows every address on the internet to try this user's key",
+                user.file.display()
+            ));
+        } else if is_private(net) {
+            warnings.push(format!(
+                "{}: {net} is a private or local range; a supplier normally connects from a public address",
+                user.file.display()
+            ));
+        }
+    }
+    warnings
+}
+
+fn is_private(net: &IpNet) -> bool {
+    match net {
+        IpNet::V4(v4) => {
+            let address = v4.network();
+            address.is_private() || address.is_loopback() || address.is_link_local()
+        }
+        IpNet::V6(v6) => {
+            let address = v6.network();
+            address.is_loopback()
+                || (address.segments()[0] & 0xfe00) == 0xfc00
+                || (address.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
 /// Parses an OpenSSH public key line, refusing private keys and weak algorithms.
 pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
     let line = line.trim();
@@ -519,6 +661,53 @@ mod tests {
     fn private_key_is_refused_with_advice() {
         let error = parse_public_key("-----BEGIN OPENSSH PRIVATE KEY-----").unwrap_err();
         assert!(error.contains("regenerate"));
+    }
+
+    #[test]
+    fn rfc4716_blocks_and_key_files() {
+        let openssh =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMvPbXlmoH1N5LmRUBXOfT0Mb2fcJM2wGwz1DC1EmnJ1";
+        let block = "---- BEGIN SSH2 PUBLIC KEY ----\nComment: \"256-bit ED25519, converted by \\\njane@laptop\"\n\
+                     AAAAC3NzaC1lZDI1NTE5AAAAIMvPbXlmoH1N5LmRUBXOfT0Mb2fcJM2wGwz1DC1EmnJ1\n\
+                     ---- END SSH2 PUBLIC KEY ----\n";
+        let keys = parse_public_keys(block).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            keys[0].key_data(),
+            parse_public_key(openssh).unwrap().key_data()
+        );
+        let file = format!("# keys of jane\n{openssh} jane@laptop\n\n");
+        assert_eq!(parse_public_keys(&file).unwrap().len(), 1);
+        assert!(parse_public_keys("---- BEGIN SSH2 PUBLIC KEY ----\nAAAA\n").is_err());
+        assert!(parse_public_keys("# nothing\n").is_err());
+        let private = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE=\n-----END OPENSSH PRIVATE KEY-----";
+        assert!(parse_public_keys(private).unwrap_err().contains("PRIVATE"));
+    }
+
+    #[test]
+    fn weak_keys_are_refused() {
+        let dsa = "ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7WT2NWPq/xfW6MPbLm1Vs14E7gB00b/JmYLdrmVClpJ+f6AR7ECLCT7up1/63xhv4O1fnxqimFQ8E+4P208UewwI1VBNaFpEy9nXzrith1yrv8iIDGZ3RSAHHAAAAFQCXYFCPFSMLzLKSuYKi64QL8Fgc9QAAAIEA9+GghdabPd7LvKtcNrhXuXmUr7v6OuqC+VdMCz0HgmdRWVeOutRZT+ZxBxCBgLRJFnEj6EwoFhO3zwkyjMim4TwWeotUfI0o4KOuHiuzpnWRbqN/C/ohNWLx+2J6ASQ7zKTxvqhRkImog9/hWuWfBpKLZl6Ae1UlZAFMO/7PSSoAAACBAJZpAuRW1g5XpXt5yd4d5mWIdRk5xYHP9qR3MVhhAEFCqfMe7RLYxbNbRbGjkSBlbXe+3VAoFaHCkxoyCR1h/bnfOpzwdSnzaX8i85LAkZiwhQ9t5KlyGcmqNV3+Jvvvt1Ip0UyQnnTgzkYE7bGOVkAJt7rLNVdN+ccImFgaMyhc test";
+        match parse_public_key(dsa) {
+            Err(message) => assert!(
+                message.contains("DSA") || message.contains("not an OpenSSH"),
+                "{message}"
+            ),
+            Ok(_) => panic!("a DSA key was accepted"),
+        }
+    }
+
+    #[test]
+    fn warnings_for_shared_inboxes_and_private_ranges() {
+        let text = "username = \"acme\"\nname = \"Jane Doe\"\nemail = \"info@acme.example\"\n\
+                    ssh_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMvPbXlmoH1N5LmRUBXOfT0Mb2fcJM2wGwz1DC1EmnJ1\"]\n\
+                    allowed_ips = [\"10.1.0.0/16\", \"0.0.0.0/0\", \"203.0.113.7/32\"]\ndestination = \"s3://mojap-land\"\n";
+        let user =
+            parse_user(Path::new("/u/acme.toml"), text, Path::new("/etc/ingestion")).unwrap();
+        let found = warnings(&user);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("shared inbox"));
+        assert!(found[1].contains("private"));
+        assert!(found[2].contains("every address"));
     }
 
     #[test]
