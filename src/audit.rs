@@ -152,6 +152,19 @@ pub enum Event {
     UserRemoved {
         username: String,
     },
+    /// An alert was refused for good (e.g. a 4xx answer); it is not retried.
+    AlertFailed {
+        event_id: String,
+        channel: String,
+        kind: String,
+        error: String,
+    },
+    /// A job has been failing for longer than `notify.stuck_after`; reported once.
+    JobStuck {
+        job: i64,
+        path: String,
+        error: String,
+    },
 }
 
 #[derive(Serialize)]

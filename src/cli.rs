@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use crate::audit::{Audit, Event, Subject};
 use crate::config::{self, Config, SharedUsers, Users};
 use crate::hostkey;
+use crate::notify::Notifier;
 use crate::onboarding::{self, Environment, NewUser};
 use crate::pipeline::Pipeline;
 use crate::scan::{Builtin, Clamd, Scanner};
@@ -34,6 +35,8 @@ pub struct Cli {
     pub log_json: bool,
 }
 
+// Parsed once at start: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
@@ -79,6 +82,14 @@ pub enum Command {
         #[arg(long, short, default_value = "ingestion.toml")]
         config: PathBuf,
     },
+    /// Alerts: send a test alert to each of a user's targets.
+    Notify {
+        /// The configuration file.
+        #[arg(long, short, default_value = "ingestion.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: NotifyCommand,
+    },
     /// See and retry transfers (jobs).
     Transfers {
         /// The configuration file.
@@ -110,6 +121,8 @@ pub enum TransfersCommand {
     Retry { id: i64 },
 }
 
+// Parsed once at start: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
     /// Write users/<username>.toml from an onboarding request, after every check, and print what to do next.
@@ -138,6 +151,12 @@ pub enum UserCommand {
         egress_location: Option<String>,
         #[arg(long)]
         egress_kms_key: Option<String>,
+        /// An address told about this user's files; repeat for several.
+        #[arg(long = "notify-email")]
+        notify_emails: Vec<String>,
+        /// NAME of the environment variable holding the Slack webhook URL (never the URL itself).
+        #[arg(long)]
+        notify_slack_webhook_env: Option<String>,
         /// Accept 0.0.0.0/0 or ::/0 as an allowed network.
         #[arg(long)]
         allow_any_ip: bool,
@@ -154,6 +173,15 @@ pub enum UserCommand {
     Show { username: String },
     /// Delete a user's file (run `ingestion reload` to apply it to the running service).
     Remove { username: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCommand {
+    /// Send a test alert to each of the user's targets now and report each result.
+    Test {
+        #[arg(long)]
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User { config, command } => user(&config, command),
         Command::Policy { config, command } => policy(config.as_deref(), command),
         Command::Reload { config } => reload(&config),
+        Command::Notify { config, command } => notify(&config, command).await,
     }
 }
 
@@ -242,6 +271,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         audit.clone(),
         config.pipeline.clone(),
         landed.clone(),
+        config.notify.operators.clone(),
     ));
     let adopted = pipeline
         .reconcile()
@@ -268,8 +298,16 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(%listen, host_key = %fingerprint, users = users.current().len(), "ingestion is listening");
     let users_handle = users.clone();
     let audit_handle = audit.clone();
+    let notifier = Arc::new(Notifier::new(
+        state.clone(),
+        config.notify.clone(),
+        users.clone(),
+        audit.clone(),
+    ));
+    tokio::spawn(notifier.run());
     let door = Arc::new(FrontDoor::new(
         users,
+        config.notify.operators.clone(),
         landed,
         landing,
         state,
@@ -597,6 +635,8 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
             kms_key,
             egress_location,
             egress_kms_key,
+            notify_emails,
+            notify_slack_webhook_env,
             allow_any_ip,
             force,
             environment,
@@ -611,6 +651,8 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
                 kms_key,
                 egress_location,
                 egress_kms_key,
+                notify_emails,
+                notify_slack_webhook_env,
                 allow_any_ip,
                 force,
             };
@@ -784,5 +826,43 @@ fn policy(config_path: Option<&Path>, command: PolicyCommand) -> anyhow::Result<
         statement
     };
     println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+async fn notify(config_path: &Path, command: NotifyCommand) -> anyhow::Result<()> {
+    let (config, users) = load(config_path)?;
+    match command {
+        NotifyCommand::Test { user } => {
+            let found = users
+                .get(&user)
+                .ok_or_else(|| anyhow!("there is no user `{user}`; see `ingestion user list`"))?;
+            if found.notify.is_empty() {
+                return Err(anyhow!(
+                    "user `{user}` has no alert targets (notify_emails, notify_slack_webhook_env, notify_webhook)"
+                ));
+            }
+            let state = State::open(&config.state.database).await?;
+            let audit = Arc::new(Audit::open(&config.server.audit_log)?);
+            let notifier = Notifier::new(
+                state,
+                config.notify.clone(),
+                Arc::new(SharedUsers::new(users.clone())),
+                audit,
+            );
+            let mut failed = 0;
+            for (target, result) in notifier.test(&found).await {
+                match result {
+                    Ok(()) => println!("ok      {target}"),
+                    Err(error) => {
+                        failed += 1;
+                        println!("FAILED  {target}: {error}");
+                    }
+                }
+            }
+            if failed > 0 {
+                return Err(anyhow!("{failed} target(s) did not accept the test alert"));
+            }
+        }
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod hostkey;
+pub mod notify;
 pub mod onboarding;
 pub mod pipeline;
 pub mod scan;

@@ -85,6 +85,10 @@ pub struct NewUser {
     pub kms_key: Option<String>,
     pub egress_location: Option<String>,
     pub egress_kms_key: Option<String>,
+    /// Addresses told about this user's files.
+    pub notify_emails: Vec<String>,
+    /// NAME of the environment variable holding the Slack webhook URL (never the URL).
+    pub notify_slack_webhook_env: Option<String>,
     /// Accept 0.0.0.0/0 or ::/0.
     pub allow_any_ip: bool,
     /// Replace an existing user file.
@@ -101,6 +105,10 @@ struct UserFile<'a> {
     destination: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     destination_kms_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notify_emails: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify_slack_webhook_env: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     egress: Option<EgressFile<'a>>,
 }
@@ -218,6 +226,8 @@ pub fn add_user(config: &Config, existing: &Users, request: &NewUser) -> Result<
         allowed_ips,
         destination: &request.destination,
         destination_kms_key: request.kms_key.as_deref(),
+        notify_emails: request.notify_emails.clone(),
+        notify_slack_webhook_env: request.notify_slack_webhook_env.as_deref(),
         egress: request
             .egress_location
             .as_deref()

@@ -20,8 +20,8 @@ use crate::scan::ClamdAddress;
 use crate::storage::Location;
 pub use problem::{FileReporter, Problem, Problems};
 pub use user::{
-    Egress, SharedUsers, User, Users, canonical_ip, check_username, parse_cidr, parse_public_keys,
-    parse_user, warnings,
+    Channel, DEFAULT_EVENTS, Egress, NotifyTarget, Secret, SharedUsers, User, Users, canonical_ip,
+    check_email, check_username, parse_cidr, parse_public_keys, parse_user, warnings,
 };
 
 /// The validated service configuration.
@@ -42,6 +42,28 @@ pub struct Config {
     pub scanner: Scanner,
     pub pipeline: PipelineSettings,
     pub onboarding: Onboarding,
+    pub notify: Notify,
+}
+
+/// How alerts are sent, and the operators' own targets.
+///
+/// # Defaults
+/// No SMTP (email targets are then an error), `stuck` alerts for jobs failing for 15 minutes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify {
+    pub smtp: Option<Smtp>,
+    pub email_from: Option<String>,
+    pub stuck_after: Duration,
+    pub operators: Vec<NotifyTarget>,
+}
+
+/// An SMTP relay: `smtp://host:587` (STARTTLS, required unless the host is this machine) or
+/// `smtps://host:465` (TLS from the start), with credentials read from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smtp {
+    pub url: String,
+    pub username: Option<Secret>,
+    pub password: Option<Secret>,
 }
 
 /// What onboarding commands need: the AWS accounts and role of the service, per environment.
@@ -127,6 +149,30 @@ struct RawConfig {
     pipeline: RawPipeline,
     #[serde(default)]
     onboarding: RawOnboarding,
+    #[serde(default)]
+    notify: RawNotify,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    /// `smtp://host:587` (STARTTLS) or `smtps://host:465`.
+    smtp_url: Option<Spanned<String>>,
+    /// NAME of the environment variable holding the SMTP user name.
+    smtp_username_env: Option<Spanned<String>>,
+    /// NAME of the environment variable holding the SMTP password.
+    smtp_password_env: Option<Spanned<String>>,
+    /// The sender address of alert emails.
+    email_from: Option<Spanned<String>>,
+    /// A job failing for this long is reported as stuck, e.g. "15m".
+    stuck_after: Option<Spanned<String>>,
+    /// Operators' addresses, told about every user's files.
+    #[serde(default)]
+    operator_emails: Vec<Spanned<String>>,
+    /// NAME of the environment variable holding the operators' Slack webhook URL.
+    operator_slack_webhook_env: Option<Spanned<String>>,
+    /// Which events operators get (default delivered, quarantined, stuck).
+    operator_events: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -239,6 +285,21 @@ impl Config {
     pub fn check_users_against_buckets(&self, users: &Users) -> Result<(), Problems> {
         let mut problems = Problems::default();
         for user in users.iter() {
+            let emails = user
+                .notify
+                .iter()
+                .any(|target| matches!(target.channel, Channel::Email { .. }));
+            if emails && (self.notify.smtp.is_none() || self.notify.email_from.is_none()) {
+                problems.0.push(Problem {
+                    file: user.file.clone(),
+                    position: None,
+                    field: "notify_emails".into(),
+                    message: format!(
+                        "email alerts need [notify] smtp_url and email_from in {}",
+                        self.file.display()
+                    ),
+                });
+            }
             let mut areas = vec![("destination", &user.destination)];
             if let Some(egress) = &user.egress {
                 areas.push(("egress.location", &egress.location));
@@ -349,6 +410,7 @@ impl Config {
         let scanner = parse_scanner(&raw.scanner, &mut report);
         let pipeline = parse_pipeline(&raw.pipeline, &mut report);
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
+        let notify = parse_notify(&raw.notify, &mut report);
 
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
@@ -381,6 +443,7 @@ impl Config {
                     scanner,
                     pipeline,
                     onboarding,
+                    notify,
                 })
             }
             _ => Err(problems),
@@ -547,6 +610,99 @@ fn parse_pipeline(raw: &RawPipeline, report: &mut FileReporter) -> PipelineSetti
         );
     }
     settings
+}
+
+fn parse_notify(raw: &RawNotify, report: &mut FileReporter) -> Notify {
+    let smtp = raw.smtp_url.as_ref().and_then(|url| {
+        let text = url.get_ref();
+        let valid = (text.starts_with("smtp://") || text.starts_with("smtps://"))
+            && url::Url::parse(text).is_ok_and(|parsed| parsed.host_str().is_some());
+        if !valid {
+            report.at(
+                Some(url.span()),
+                "notify.smtp_url",
+                "write smtp://host:587 (STARTTLS) or smtps://host:465 (TLS); credentials go in smtp_username_env and smtp_password_env",
+            );
+            return None;
+        }
+        if url::Url::parse(text).is_ok_and(|parsed| parsed.password().is_some()) {
+            report.at(
+                Some(url.span()),
+                "notify.smtp_url",
+                "the URL holds a password: move it to an environment variable named by smtp_password_env",
+            );
+            return None;
+        }
+        Some(Smtp {
+            url: text.clone(),
+            username: raw
+                .smtp_username_env
+                .as_ref()
+                .and_then(|name| user::parse_env_name("notify.smtp_username_env", name, report)),
+            password: raw
+                .smtp_password_env
+                .as_ref()
+                .and_then(|name| user::parse_env_name("notify.smtp_password_env", name, report)),
+        })
+    });
+    let email_from = raw
+        .email_from
+        .as_ref()
+        .and_then(|from| match check_email(from.get_ref()) {
+            Ok(()) => Some(from.get_ref().clone()),
+            Err(message) => {
+                report.at(Some(from.span()), "notify.email_from", message);
+                None
+            }
+        });
+    let stuck_after = duration_field(
+        report,
+        "notify.stuck_after",
+        &raw.stuck_after,
+        Duration::from_secs(15 * 60),
+    );
+    let events = user::parse_events("notify.operator_events", &raw.operator_events, report);
+    let mut operators = Vec::new();
+    for (index, email) in raw.operator_emails.iter().enumerate() {
+        match check_email(email.get_ref()) {
+            Ok(()) => operators.push(NotifyTarget {
+                channel: Channel::Email {
+                    to: email.get_ref().clone(),
+                },
+                events: events.clone(),
+            }),
+            Err(message) => report.at(
+                Some(email.span()),
+                &format!("notify.operator_emails[{index}]"),
+                message,
+            ),
+        }
+    }
+    if let Some(name) = &raw.operator_slack_webhook_env
+        && let Some(webhook) =
+            user::parse_env_name("notify.operator_slack_webhook_env", name, report)
+    {
+        operators.push(NotifyTarget {
+            channel: Channel::Slack { webhook },
+            events: events.clone(),
+        });
+    }
+    let wants_email = operators
+        .iter()
+        .any(|target| matches!(target.channel, Channel::Email { .. }));
+    if wants_email && (smtp.is_none() || email_from.is_none()) {
+        report.at(
+            raw.operator_emails.first().map(Spanned::span),
+            "notify.operator_emails",
+            "email alerts need notify.smtp_url and notify.email_from",
+        );
+    }
+    Notify {
+        smtp,
+        email_from,
+        stuck_after,
+        operators,
+    }
 }
 
 fn parse_onboarding(raw: &RawOnboarding, report: &mut FileReporter) -> Onboarding {

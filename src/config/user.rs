@@ -30,8 +30,67 @@ pub struct User {
     pub destination: Location,
     pub destination_kms_key: Option<String>,
     pub egress: Option<Egress>,
+    /// Who is told what happened to this user's files.
+    pub notify: Vec<NotifyTarget>,
     /// The file this user was read from.
     pub file: PathBuf,
+}
+
+/// Where an alert goes. Secrets (webhook URLs, signing keys) are never held here: only the name of
+/// the environment variable or the path of the file that holds them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Email { to: String },
+    Slack { webhook: Secret },
+    Webhook { url: String, secret: Option<Secret> },
+}
+
+/// Where a secret is read from, at the moment it is needed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Secret {
+    Env(String),
+    File(PathBuf),
+}
+
+impl Secret {
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            Secret::Env(name) => std::env::var(name)
+                .map(|value| value.trim().to_string())
+                .map_err(|_| format!("the environment variable {name} is not set")),
+            Secret::File(path) => std::fs::read_to_string(path)
+                .map(|value| value.trim().to_string())
+                .map_err(|error| format!("cannot read {}: {error}", path.display())),
+        }
+    }
+
+    /// How the secret is referred to in records (never its value).
+    pub fn describe(&self) -> String {
+        match self {
+            Secret::Env(name) => format!("env:{name}"),
+            Secret::File(path) => format!("file:{}", path.display()),
+        }
+    }
+}
+
+/// The kinds of alert.
+pub const EVENT_KINDS: [&str; 4] = ["delivered", "quarantined", "stuck", "received"];
+/// What a target receives unless it says otherwise.
+pub const DEFAULT_EVENTS: [&str; 3] = ["delivered", "quarantined", "stuck"];
+
+/// One alert target and the events it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyTarget {
+    pub channel: Channel,
+    pub events: Vec<String>,
+}
+
+impl NotifyTarget {
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.iter().any(|event| event == kind)
+    }
 }
 
 /// A read-only download area shown as `/download`.
@@ -203,6 +262,28 @@ struct RawUser {
     destination_kms_key: Option<Spanned<String>>,
     /// Optional read-only download area.
     egress: Option<RawEgress>,
+    /// Email addresses told about this user's files.
+    #[serde(default)]
+    notify_emails: Vec<Spanned<String>>,
+    /// Which events the emails get (default delivered, quarantined, stuck).
+    notify_email_events: Option<Vec<Spanned<String>>>,
+    /// NAME of the environment variable holding the Slack webhook URL.
+    notify_slack_webhook_env: Option<Spanned<String>>,
+    /// Path of a file holding the Slack webhook URL.
+    notify_slack_webhook_file: Option<Spanned<String>>,
+    /// Which events Slack gets.
+    notify_slack_events: Option<Vec<Spanned<String>>>,
+    /// A signed JSON webhook.
+    notify_webhook: Option<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    /// NAME of the environment variable holding the HMAC key.
+    secret_env: Option<Spanned<String>>,
+    events: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +388,8 @@ pub fn parse_user(file: &Path, text: &str, base: &Path) -> Result<User, Problems
         }
     });
 
+    let notify = parse_notify(&raw, base, &mut report);
+
     let problems = report.finish();
     match destination {
         Some(destination) if problems.is_empty() => Ok(User {
@@ -318,10 +401,154 @@ pub fn parse_user(file: &Path, text: &str, base: &Path) -> Result<User, Problems
             destination,
             destination_kms_key,
             egress,
+            notify,
             file: file.to_path_buf(),
         }),
         _ => Err(problems),
     }
+}
+
+/// Parses an events list (default: delivered, quarantined, stuck).
+pub(super) fn parse_events(
+    field: &str,
+    events: &Option<Vec<Spanned<String>>>,
+    report: &mut FileReporter,
+) -> Vec<String> {
+    let Some(events) = events else {
+        return DEFAULT_EVENTS
+            .iter()
+            .map(|event| event.to_string())
+            .collect();
+    };
+    let mut parsed = Vec::new();
+    for event in events {
+        if EVENT_KINDS.contains(&event.get_ref().as_str()) {
+            parsed.push(event.get_ref().clone());
+        } else {
+            report.at(
+                Some(event.span()),
+                field,
+                format!(
+                    "`{}` is not an event; use {}",
+                    event.get_ref(),
+                    EVENT_KINDS.join(", ")
+                ),
+            );
+        }
+    }
+    parsed
+}
+
+/// A secret reference must be a NAME, never the secret itself.
+pub(super) fn parse_env_name(
+    field: &str,
+    name: &Spanned<String>,
+    report: &mut FileReporter,
+) -> Option<Secret> {
+    let text = name.get_ref();
+    if text.contains("://") || text.contains("hooks.slack.com") {
+        report.at(
+            Some(name.span()),
+            field,
+            "this looks like the secret itself: put the URL in an environment variable and write its NAME \
+             here (secrets never live in configuration files)",
+        );
+        return None;
+    }
+    let valid = text
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        report.at(
+            Some(name.span()),
+            field,
+            format!("`{text}` is not an environment variable name (A-Z, 0-9 and _, e.g. ACME_SLACK_WEBHOOK)"),
+        );
+        return None;
+    }
+    Some(Secret::Env(text.clone()))
+}
+
+fn parse_notify(raw: &RawUser, base: &Path, report: &mut FileReporter) -> Vec<NotifyTarget> {
+    let mut targets = Vec::new();
+    let email_events = parse_events("notify_email_events", &raw.notify_email_events, report);
+    for (index, email) in raw.notify_emails.iter().enumerate() {
+        match check_email(email.get_ref()) {
+            Ok(()) => targets.push(NotifyTarget {
+                channel: Channel::Email {
+                    to: email.get_ref().clone(),
+                },
+                events: email_events.clone(),
+            }),
+            Err(message) => report.at(
+                Some(email.span()),
+                &format!("notify_emails[{index}]"),
+                message,
+            ),
+        }
+    }
+    let slack = match (
+        &raw.notify_slack_webhook_env,
+        &raw.notify_slack_webhook_file,
+    ) {
+        (Some(_), Some(file)) => {
+            report.at(
+                Some(file.span()),
+                "notify_slack_webhook_file",
+                "give either notify_slack_webhook_env or notify_slack_webhook_file, not both",
+            );
+            None
+        }
+        (Some(name), None) => parse_env_name("notify_slack_webhook_env", name, report),
+        (None, Some(file)) => {
+            if file.get_ref().contains("://") {
+                report.at(
+                    Some(file.span()),
+                    "notify_slack_webhook_file",
+                    "this looks like the webhook URL itself: write it into a file and give the file's path here",
+                );
+                None
+            } else {
+                Some(Secret::File(base.join(file.get_ref())))
+            }
+        }
+        (None, None) => None,
+    };
+    if let Some(webhook) = slack {
+        targets.push(NotifyTarget {
+            channel: Channel::Slack { webhook },
+            events: parse_events("notify_slack_events", &raw.notify_slack_events, report),
+        });
+    }
+    if let Some(webhook) = &raw.notify_webhook {
+        let url = webhook.url.get_ref();
+        let loopback = url.starts_with("http://127.")
+            || url.starts_with("http://localhost")
+            || url.starts_with("http://[::1]");
+        if !(url.starts_with("https://") || loopback) || url::Url::parse(url).is_err() {
+            report.at(
+                Some(webhook.url.span()),
+                "notify_webhook.url",
+                "the webhook URL must be https:// (plain http only to this machine)",
+            );
+        }
+        let secret = webhook
+            .secret_env
+            .as_ref()
+            .and_then(|name| parse_env_name("notify_webhook.secret_env", name, report));
+        targets.push(NotifyTarget {
+            channel: Channel::Webhook {
+                url: url.clone(),
+                secret,
+            },
+            events: parse_events("notify_webhook.events", &webhook.events, report),
+        });
+    }
+    targets
 }
 
 /// Lowercase letters, digits and hyphens, 3–32 characters, starting with a letter or digit.
@@ -338,7 +565,7 @@ pub fn check_username(username: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_email(email: &str) -> Result<(), String> {
+pub fn check_email(email: &str) -> Result<(), String> {
     let valid = email.split_once('@').is_some_and(|(local, domain)| {
         !local.is_empty()
             && !domain.contains('@')
@@ -708,6 +935,44 @@ mod tests {
         assert!(found[0].contains("shared inbox"));
         assert!(found[1].contains("private"));
         assert!(found[2].contains("every address"));
+    }
+
+    #[test]
+    fn notify_targets_and_secret_rules() {
+        let text = user_text(
+            "notify_emails = [\"team@acme.example\"]\nnotify_email_events = [\"quarantined\"]\n\
+             notify_slack_webhook_env = \"ACME_SLACK\"\n\
+             notify_webhook = { url = \"https://hooks.acme.example/x\", secret_env = \"ACME_HMAC\" }\n",
+        );
+        let user = parse_user(
+            Path::new("/u/acme.toml"),
+            &text,
+            Path::new("/etc/ingestion"),
+        )
+        .unwrap();
+        assert_eq!(user.notify.len(), 3);
+        assert!(user.notify[0].wants("quarantined") && !user.notify[0].wants("delivered"));
+        assert_eq!(
+            user.notify[1].channel,
+            Channel::Slack {
+                webhook: Secret::Env("ACME_SLACK".into())
+            }
+        );
+        assert!(user.notify[2].wants("stuck") && !user.notify[2].wants("received"));
+
+        let pasted =
+            user_text("notify_slack_webhook_env = \"https://hooks.slack.com/services/T/B/X\"\n");
+        let problems = parse_user(Path::new("/u/acme.toml"), &pasted, Path::new("/")).unwrap_err();
+        assert!(
+            problems.0[0].message.contains("secret itself"),
+            "{problems}"
+        );
+        let bad = user_text(
+            "notify_email_events = [\"exploded\"]\nnotify_webhook = { url = \"http://example.org\" }\n",
+        );
+        let problems = parse_user(Path::new("/u/acme.toml"), &bad, Path::new("/")).unwrap_err();
+        let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["notify_email_events", "notify_webhook.url"]);
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub struct Pipeline {
     landed: Arc<Notify>,
     node: String,
     destinations: Mutex<HashMap<(Location, Option<String>), Bucket>>,
+    /// Operators' alert targets (every user's files).
+    operators: Vec<crate::config::NotifyTarget>,
     /// Test hook (`INGESTION_FAILPOINT=pause-after-copy`): stop for good between copy and delete, so
     /// that a test can kill the process there.
     pause_after_copy: bool,
@@ -105,6 +107,7 @@ impl Pipeline {
         audit: Arc<Audit>,
         settings: Settings,
         landed: Arc<Notify>,
+        operators: Vec<crate::config::NotifyTarget>,
     ) -> Pipeline {
         let node: [u8; 4] = rand::random();
         Pipeline {
@@ -118,6 +121,7 @@ impl Pipeline {
             landed,
             node: format!("node-{}", crate::storage::hex(&node)),
             destinations: Mutex::new(HashMap::new()),
+            operators,
             pause_after_copy: std::env::var("INGESTION_FAILPOINT")
                 .is_ok_and(|v| v == "pause-after-copy"),
         }

@@ -178,7 +178,18 @@ impl Pipeline {
             }
             Err(error) => return Err(error.into()),
         }
-        if !self.state.finish(job.id, owner, final_state, None).await? {
+        let mut facts = crate::notify::job_facts(job, final_state.as_str());
+        if final_state == JobState::Delivered {
+            facts.destination = Some(url.clone());
+        }
+        let users = self.users.current();
+        let alerts =
+            crate::notify::alerts_for(users.get(&job.username).as_deref(), &self.operators, &facts);
+        if !self
+            .state
+            .finish_with_alerts(job.id, owner, final_state, None, &alerts)
+            .await?
+        {
             return Err(StepError::LeaseLost);
         }
         let path = format!("/{}", job.path);

@@ -143,6 +143,10 @@ impl UserView {
         &self.user.username
     }
 
+    pub fn user(&self) -> &User {
+        &self.user
+    }
+
     pub fn holder(&self) -> &str {
         &self.holder
     }

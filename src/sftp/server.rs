@@ -98,6 +98,7 @@ pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
 /// What every connection shares.
 pub struct FrontDoor {
     users: Arc<SharedUsers>,
+    operators: Arc<Vec<crate::config::NotifyTarget>>,
     landed: Arc<tokio::sync::Notify>,
     landing: Bucket,
     state: State,
@@ -107,8 +108,10 @@ pub struct FrontDoor {
 }
 
 impl FrontDoor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         users: Arc<SharedUsers>,
+        operators: Vec<crate::config::NotifyTarget>,
         landed: Arc<tokio::sync::Notify>,
         landing: Bucket,
         state: State,
@@ -118,6 +121,7 @@ impl FrontDoor {
     ) -> FrontDoor {
         FrontDoor {
             users,
+            operators: Arc::new(operators),
             landed,
             landing,
             state,
@@ -390,6 +394,7 @@ impl Handler for Connection {
             audit: self.door.audit.clone(),
             subject: self.subject(None),
             landed: self.door.landed.clone(),
+            operators: self.door.operators.clone(),
         });
         let handle = session.handle();
         tokio::spawn(async move {

@@ -50,6 +50,8 @@ pub struct SessionContext {
     pub subject: Subject,
     /// Woken whenever a job is recorded, so the pipeline starts at once.
     pub landed: Arc<tokio::sync::Notify>,
+    /// Operators' alert targets, for `received` alerts.
+    pub operators: Arc<Vec<crate::config::NotifyTarget>>,
 }
 
 impl SessionContext {
@@ -808,7 +810,29 @@ async fn finish_upload(
         sha256: &uploaded.sha256,
         session: &session,
     };
-    let recorded = ctx.state.record_upload(&job, ctx.view.holder()).await;
+    let recorded = ctx
+        .state
+        .record_upload_with_alerts(&job, ctx.view.holder(), |id| {
+            let facts = crate::notify::Facts {
+                event_id: crate::notify::event_id(),
+                event: "received".into(),
+                username: job.username.to_string(),
+                path: format!("/{relative}"),
+                bytes: job.size,
+                sha256: job.sha256.to_string(),
+                job: Some(id),
+                destination: None,
+                reason: None,
+                signature: None,
+                scan_engine: None,
+                received_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                    .to_string(),
+                at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                last_error: None,
+            };
+            crate::notify::alerts_for(Some(ctx.view.user()), &ctx.operators, &facts)
+        })
+        .await;
     release_hold(ctx, &relative).await;
     match recorded {
         Ok(job) => {

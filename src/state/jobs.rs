@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use super::{State, StateError, now};
+use super::{NewAlert, State, StateError, now};
 
 /// States in which a job still needs work (a macro so that queries stay `&'static str` via `concat!`).
 macro_rules! open_states {
@@ -170,11 +170,11 @@ fn unix_ms(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
 
-fn later_ms(after: Duration) -> i64 {
+pub(super) fn later_ms(after: Duration) -> i64 {
     now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX))
 }
 
@@ -218,6 +218,17 @@ impl State {
     /// Records a completed upload as a `landed` job. Older `landed` jobs for the same path (held by
     /// `holder`, see [`State::hold_path`]) are marked `superseded`: their bytes were just replaced.
     pub async fn record_upload(&self, job: &NewJob<'_>, holder: &str) -> Result<i64, StateError> {
+        self.record_upload_with_alerts(job, holder, |_| Vec::new())
+            .await
+    }
+
+    /// [`State::record_upload`], queueing the alerts `alerts(job id)` in the same transaction.
+    pub async fn record_upload_with_alerts(
+        &self,
+        job: &NewJob<'_>,
+        holder: &str,
+        alerts: impl FnOnce(i64) -> Vec<NewAlert>,
+    ) -> Result<i64, StateError> {
         let now = now();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -245,8 +256,10 @@ impl State {
         .bind(&now)
         .fetch_one(&mut *tx)
         .await?;
+        let id: i64 = row.try_get(0)?;
+        State::insert_alerts(&mut tx, &alerts(id)).await?;
         tx.commit().await?;
-        Ok(row.try_get(0)?)
+        Ok(id)
     }
 
     /// Takes a hold on every unprocessed job of `path` (and, for a folder, below it) so that the
@@ -471,7 +484,21 @@ impl State {
         state: JobState,
         error: Option<&str>,
     ) -> Result<bool, StateError> {
+        self.finish_with_alerts(id, owner, state, error, &[]).await
+    }
+
+    /// [`State::finish`], queueing `alerts` in the same transaction: the outcome and its alerts are
+    /// recorded together or not at all.
+    pub async fn finish_with_alerts(
+        &self,
+        id: i64,
+        owner: &str,
+        state: JobState,
+        error: Option<&str>,
+        alerts: &[NewAlert],
+    ) -> Result<bool, StateError> {
         let now = now();
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "UPDATE jobs SET state = $1, finished_at = $2, updated_at = $2, last_error = COALESCE($3, last_error), \
              lease_owner = NULL, lease_until = NULL WHERE id = $4 AND lease_owner = $5",
@@ -481,9 +508,48 @@ impl State {
         .bind(error)
         .bind(id)
         .bind(owner)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        State::insert_alerts(&mut tx, alerts).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Jobs that have been failing since before `cutoff` (RFC 3339, same format as `received_at`)
+    /// and have had no `stuck` alert yet; each is marked so that it is reported once, together with
+    /// the alerts `alerts(job)` in one transaction.
+    pub async fn report_stuck(
+        &self,
+        cutoff: &str,
+        alerts: impl Fn(&Job) -> Vec<NewAlert>,
+    ) -> Result<Vec<Job>, StateError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM jobs WHERE (state IN ",
+            open_states!(),
+            " OR state = 'failed') AND attempts > 0 AND received_at < $1 AND stuck_alerted_at IS NULL ORDER BY id"
+        ))
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        for job in &jobs {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE jobs SET stuck_alerted_at = $1 WHERE id = $2 AND stuck_alerted_at IS NULL",
+            )
+            .bind(now())
+            .bind(job.id)
+            .execute(&mut *tx)
+            .await?;
+            State::insert_alerts(&mut tx, &alerts(job)).await?;
+            tx.commit().await?;
+        }
+        Ok(jobs)
     }
 
     /// Records a failed attempt: the job waits `backoff` before its next try, or becomes `failed`

@@ -6,8 +6,10 @@
 //! because object stores have none.
 
 mod jobs;
+mod outbox;
 
 pub use jobs::{Job, JobFilter, JobState, NewJob, PathBusy, Verdict};
+pub use outbox::{Alert, NewAlert};
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -62,6 +64,29 @@ ALTER TABLE jobs ADD COLUMN routed_to TEXT;
 ALTER TABLE jobs ADD COLUMN copied_at TEXT;
 ALTER TABLE jobs ADD COLUMN finished_at TEXT;
 CREATE INDEX jobs_ready ON jobs (state, next_attempt_at);
+"#;
+
+/// The notification outbox, and when a job's `stuck` alert went out.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    job_id INTEGER,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until INTEGER,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    sent_at TEXT
+);
+CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+ALTER TABLE jobs ADD COLUMN stuck_alerted_at TEXT;
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +149,13 @@ impl State {
                 Cow::Borrowed("pipeline leases and verdicts"),
                 MigrationType::Simple,
                 SCHEMA_V2.into_sql_str(),
+                false,
+            ),
+            Migration::new(
+                3,
+                Cow::Borrowed("notification outbox"),
+                MigrationType::Simple,
+                SCHEMA_V3.into_sql_str(),
                 false,
             ),
         ]);

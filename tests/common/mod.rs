@@ -123,6 +123,8 @@ pub struct UserSpec<'a> {
     /// Defaults to `buckets/delivered/<name>` beside the config.
     pub destination: Option<String>,
     pub destination_kms_key: Option<String>,
+    /// More top-level lines for the user file (notify targets, …).
+    pub extra: String,
 }
 
 impl<'a> UserSpec<'a> {
@@ -134,6 +136,7 @@ impl<'a> UserSpec<'a> {
             egress: None,
             destination: None,
             destination_kms_key: None,
+            extra: String::new(),
         }
     }
 }
@@ -221,10 +224,11 @@ impl Server {
                 dir.path().join(format!("users/{}.toml", user.name)),
                 format!(
                     "username = \"{}\"\nname = \"Test Supplier\"\nemail = \"test.supplier@example.org\"\n\
-                     ssh_keys = [{}]\nallowed_ips = [{}]\ndestination = \"{destination}\"\n{kms}{egress}",
+                     ssh_keys = [{}]\nallowed_ips = [{}]\ndestination = \"{destination}\"\n{kms}{}\n{egress}",
                     user.name,
                     keys.join(", "),
                     ips.join(", "),
+                    user.extra,
                 ),
             )
             .unwrap();
@@ -256,7 +260,13 @@ impl Server {
 
     /// Runs an `ingestion` command against this server's configuration.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Server::cli`] with environment variables (secrets named in the configuration).
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ingestion"));
+        command.envs(env.iter().copied());
         command
             .args(args)
             .arg("--config")
@@ -804,4 +814,148 @@ pub fn zip_file(path: &Path, name: &str, content: &[u8]) {
         .output()
         .unwrap();
     assert_success(&output, "making a zip");
+}
+
+// ---- alert receivers: an HTTP stand-in for Slack and webhooks, and aiosmtpd ----
+
+/// The HTTP receiver of tests/peers/http_receiver.py.
+pub struct Receiver {
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    child: Child,
+    pub port: u16,
+}
+
+impl Receiver {
+    /// Starts it; `plan` lists statuses to answer per path before answering 200.
+    pub fn start(plan: &[(&str, &str)]) -> Receiver {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests.jsonl");
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/http_receiver.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&log)
+            .args(
+                plan.iter()
+                    .map(|(path, statuses)| format!("{path}={statuses}")),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port, "the HTTP receiver");
+        Receiver {
+            _dir: dir,
+            log,
+            child,
+            port,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The requests received on `path`.
+    pub fn requests(&self, path: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|request| request["path"] == path)
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An aiosmtpd server storing each message as a file (Mailbox handler).
+pub struct SmtpSink {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl SmtpSink {
+    /// Reserves a port without starting the server (to test SMTP being down).
+    pub fn prepare() -> SmtpSink {
+        SmtpSink {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port: free_port(),
+        }
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{}", self.port),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(self.dir.path().join("mail"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for_port(self.port, "aiosmtpd");
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// The messages received, as text.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("mail/new")) else {
+            return Vec::new();
+        };
+        let mut messages: Vec<String> = entries
+            .flatten()
+            .map(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default())
+            .collect();
+        messages.sort();
+        messages
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, for up to `seconds`.
+pub fn wait_until<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
