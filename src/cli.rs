@@ -272,6 +272,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         config.pipeline.clone(),
         landed.clone(),
         config.notify.operators.clone(),
+        config.server.temporary_names.clone(),
     ));
     let adopted = pipeline
         .reconcile()
@@ -307,6 +308,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tokio::spawn(notifier.run());
     let door = Arc::new(FrontDoor::new(
         users,
+        config.server.temporary_names.clone(),
         config.notify.operators.clone(),
         landed,
         landing,
@@ -610,6 +612,23 @@ fn reload(config_path: &Path) -> anyhow::Result<()> {
             config.server.pid_file.display()
         )
     })?;
+    // A stale pid file (after a crash) may name an unrelated process, which SIGHUP would kill:
+    // signal only a process running this program with `serve`.
+    let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let arguments: Vec<&[u8]> = command_line.split(|&b| b == 0).collect();
+    let ours = arguments
+        .first()
+        .is_some_and(|program| program.ends_with(b"ingestion"))
+        && arguments
+            .iter()
+            .any(|argument| *argument == b"serve" || *argument == b"quickstart");
+    if !ours {
+        return Err(anyhow!(
+            "process {pid} (from {}) is not a running `ingestion serve`; the service is not running \
+             or the pid file is stale",
+            config.server.pid_file.display()
+        ));
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGHUP,
@@ -623,6 +642,34 @@ fn reload(config_path: &Path) -> anyhow::Result<()> {
 }
 
 fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
+    if let UserCommand::Remove { username } = &command {
+        // Works even when some user file is broken, so a bad file can always be removed.
+        let text = std::fs::read_to_string(config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        let config = Config::parse(config_path, &text).map_err(|problems| anyhow!("{problems}"))?;
+        config::check_username(username).map_err(|message| anyhow!(message))?;
+        let file = config.users_dir.join(format!("{username}.toml"));
+        if !file.exists() {
+            return Err(anyhow!(
+                "there is no user `{username}` ({} does not exist)",
+                file.display()
+            ));
+        }
+        std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
+        let audit = Audit::open(&config.server.audit_log)?;
+        audit.record(
+            &Subject::default(),
+            Event::UserRemoved {
+                username: username.clone(),
+            },
+        );
+        println!(
+            "removed {}; run `ingestion reload --config {}` so that the running service refuses new logins",
+            file.display(),
+            config.file.display()
+        );
+        return Ok(());
+    }
     let (config, users) = load(config_path)?;
     match command {
         UserCommand::Add {
@@ -716,6 +763,14 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
             if let Some(egress) = &user.egress {
                 println!("egress: {}", egress.location);
             }
+            for target in &user.notify {
+                let channel = match &target.channel {
+                    config::Channel::Email { to } => format!("email {to}"),
+                    config::Channel::Slack { webhook } => format!("slack ({})", webhook.describe()),
+                    config::Channel::Webhook { url, .. } => format!("webhook {url}"),
+                };
+                println!("alerts: {channel} [{}]", target.events.join(", "));
+            }
             println!(
                 "connect: {}",
                 onboarding::connection_command(&config, &user.username)
@@ -724,25 +779,7 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
                 println!("warning: {warning}");
             }
         }
-        UserCommand::Remove { username } => {
-            let user = users.get(&username).ok_or_else(|| {
-                anyhow!("there is no user `{username}`; see `ingestion user list`")
-            })?;
-            std::fs::remove_file(&user.file)
-                .with_context(|| format!("cannot remove {}", user.file.display()))?;
-            let audit = Audit::open(&config.server.audit_log)?;
-            audit.record(
-                &Subject::default(),
-                Event::UserRemoved {
-                    username: username.clone(),
-                },
-            );
-            println!(
-                "removed {}; run `ingestion reload --config {}` so that the running service refuses new logins",
-                user.file.display(),
-                config.file.display()
-            );
-        }
+        UserCommand::Remove { .. } => {}
     }
     Ok(())
 }
@@ -841,16 +878,12 @@ async fn notify(config_path: &Path, command: NotifyCommand) -> anyhow::Result<()
                     "user `{user}` has no alert targets (notify_emails, notify_slack_webhook_env, notify_webhook)"
                 ));
             }
-            let state = State::open(&config.state.database).await?;
-            let audit = Arc::new(Audit::open(&config.server.audit_log)?);
-            let notifier = Notifier::new(
-                state,
-                config.notify.clone(),
-                Arc::new(SharedUsers::new(users.clone())),
-                audit,
+            let sender = crate::notify::Sender::new(
+                config.notify.smtp.as_ref(),
+                config.notify.email_from.clone(),
             );
             let mut failed = 0;
-            for (target, result) in notifier.test(&found).await {
+            for (target, result) in crate::notify::test_targets(&sender, &found).await {
                 match result {
                     Ok(()) => println!("ok      {target}"),
                     Err(error) => {

@@ -580,3 +580,50 @@ fn a_6_gib_file_is_delivered_byte_exact_with_bounded_memory() {
         "peak RSS {peak_kib} KiB is not under 200 MiB"
     );
 }
+
+/// WinSCP and others upload to `name.filepart` and rename when done: the file is delivered once,
+/// under its final name; a temporary file never renamed is processed after the timeout.
+#[test]
+fn a_temporary_upload_name_is_delivered_once_under_its_final_name() {
+    let test = "a_temporary_upload_name_is_delivered_once_under_its_final_name";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "temporary_name_timeout = \"3s\"",
+        "[scanner]\nengine = \"builtin\"\n",
+        Landing::Local,
+        &[],
+    );
+    let file = setup.files.path().join("data.csv");
+    random_file(&file, 100_000, 21);
+    let script = format!(
+        "put {f} data.csv.filepart\nput {f} stray.partial\n",
+        f = file.display()
+    );
+    assert_success(
+        &server.sftp("acme", &setup.key, &script),
+        "uploads to temporary names",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let jobs = server.jobs();
+    assert!(
+        jobs.iter().all(|job| job.state == JobState::Held),
+        "{jobs:#?}"
+    );
+    assert!(server.files_in("buckets/delivered").is_empty());
+
+    assert_success(
+        &server.sftp("acme", &setup.key, "rename data.csv.filepart data.csv\n"),
+        "rename",
+    );
+    let jobs = server.wait_for_jobs(30, "both delivered", |jobs| all_final(jobs, 2));
+    assert_eq!(job(&jobs, "data.csv").state, JobState::Delivered);
+    assert_eq!(job(&jobs, "stray.partial").state, JobState::Delivered);
+    assert_eq!(
+        server.files_in("buckets/delivered/acme"),
+        ["data.csv", "stray.partial"]
+    );
+    assert_eq!(server.events("delivered").len(), 2);
+}

@@ -21,7 +21,8 @@ use crate::storage::Location;
 pub use problem::{FileReporter, Problem, Problems};
 pub use user::{
     Channel, DEFAULT_EVENTS, Egress, NotifyTarget, Secret, SharedUsers, User, Users, canonical_ip,
-    check_email, check_username, parse_cidr, parse_public_keys, parse_user, warnings,
+    check_email, check_username, is_this_machine, parse_cidr, parse_public_keys, parse_user,
+    url_allowed, warnings,
 };
 
 /// The validated service configuration.
@@ -114,6 +115,57 @@ pub struct Server {
     pub public_host: Option<String>,
     /// Where `serve` writes its process id, for `ingestion reload`.
     pub pid_file: PathBuf,
+    /// Names clients upload to before renaming (WinSCP's `*.filepart`, …).
+    pub temporary_names: TemporaryNames,
+}
+
+/// File names that clients use while uploading and rename when done (`report.csv.filepart` →
+/// `report.csv`). A file with such a name is not scanned or delivered until it is renamed, or until
+/// it has sat untouched for `timeout` (a client that never renamed it).
+///
+/// # Defaults
+/// `*.filepart` (WinSCP), `*.partial`, `*.part`; one hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemporaryNames {
+    patterns: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Default for TemporaryNames {
+    fn default() -> TemporaryNames {
+        TemporaryNames {
+            patterns: vec!["*.filepart".into(), "*.partial".into(), "*.part".into()],
+            timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl TemporaryNames {
+    /// Whether the last part of `path` (a file name) is a temporary name.
+    pub fn matches(&self, path: &str) -> bool {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.patterns.iter().any(|pattern| glob(pattern, name))
+    }
+}
+
+/// `*` matches any run of characters (also none); everything else matches itself.
+fn glob(pattern: &str, name: &str) -> bool {
+    let mut pieces = pattern.split('*');
+    let first = pieces.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let pieces: Vec<&str> = pieces.collect();
+    let Some((last, middle)) = pieces.split_last() else {
+        return rest.is_empty();
+    };
+    for piece in middle {
+        match rest.find(piece) {
+            Some(at) => rest = rest.get(at + piece.len()..).unwrap_or_default(),
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +282,10 @@ struct RawServer {
     public_host: Option<String>,
     /// Process id file for `ingestion reload`.
     pid_file: Option<String>,
+    /// Temporary upload names (globs with `*`), held until renamed.
+    temporary_names: Option<Vec<Spanned<String>>>,
+    /// How long a file with a temporary name may sit before it is processed anyway, e.g. "1h".
+    temporary_name_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -280,8 +336,9 @@ impl Config {
         Ok((config, users))
     }
 
-    /// A destination or egress area inside landing or quarantine (or the other way round) would let
-    /// files loop, or let a user read what they must not: refuse such overlaps.
+    /// Checks users against the rest of the configuration: a destination or egress area inside
+    /// landing or quarantine (or the other way round) would let files loop, or let a user read what
+    /// they must not; email alerts need the SMTP settings.
     pub fn check_users_against_buckets(&self, users: &Users) -> Result<(), Problems> {
         let mut problems = Problems::default();
         for user in users.iter() {
@@ -407,6 +464,7 @@ impl Config {
                 }
             },
         };
+        let temporary_names = parse_temporary_names(&raw.server, &mut report);
         let scanner = parse_scanner(&raw.scanner, &mut report);
         let pipeline = parse_pipeline(&raw.pipeline, &mut report);
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
@@ -433,6 +491,7 @@ impl Config {
                         audit_log: relative(&raw.server.audit_log, "state/audit.jsonl"),
                         public_host: raw.server.public_host.clone(),
                         pid_file: relative(&raw.server.pid_file, "state/ingestion.pid"),
+                        temporary_names,
                     },
                     buckets: Buckets {
                         landing,
@@ -612,7 +671,58 @@ fn parse_pipeline(raw: &RawPipeline, report: &mut FileReporter) -> PipelineSetti
     settings
 }
 
+fn parse_temporary_names(raw: &RawServer, report: &mut FileReporter) -> TemporaryNames {
+    let defaults = TemporaryNames::default();
+    let timeout = duration_field(
+        report,
+        "server.temporary_name_timeout",
+        &raw.temporary_name_timeout,
+        defaults.timeout,
+    );
+    let patterns = match &raw.temporary_names {
+        None => defaults.patterns,
+        Some(patterns) => {
+            let mut valid = Vec::new();
+            for (index, pattern) in patterns.iter().enumerate() {
+                let text = pattern.get_ref();
+                if text.is_empty() || text.contains('/') || text.chars().all(|c| c == '*') {
+                    report.at(
+                        Some(pattern.span()),
+                        &format!("server.temporary_names[{index}]"),
+                        "a pattern is a file name with `*` wildcards, like \"*.filepart\" (not empty, no `/`, not only `*`)",
+                    );
+                } else {
+                    valid.push(text.clone());
+                }
+            }
+            valid
+        }
+    };
+    TemporaryNames { patterns, timeout }
+}
+
 fn parse_notify(raw: &RawNotify, report: &mut FileReporter) -> Notify {
+    if raw.smtp_url.is_none()
+        && let Some(name) = raw
+            .smtp_username_env
+            .as_ref()
+            .or(raw.smtp_password_env.as_ref())
+    {
+        report.at(
+            Some(name.span()),
+            "notify.smtp_url",
+            "SMTP credentials are given but no notify.smtp_url",
+        );
+    }
+    if let (Some(name), None) | (None, Some(name)) =
+        (&raw.smtp_username_env, &raw.smtp_password_env)
+    {
+        report.at(
+            Some(name.span()),
+            "notify.smtp_username_env",
+            "give both smtp_username_env and smtp_password_env, or neither",
+        );
+    }
     let smtp = raw.smtp_url.as_ref().and_then(|url| {
         let text = url.get_ref();
         let valid = (text.starts_with("smtp://") || text.starts_with("smtps://"))
@@ -912,6 +1022,33 @@ database = "mysql://x"
         assert_eq!(
             fields,
             ["destination", "egress.location", "egress.location"]
+        );
+    }
+
+    #[test]
+    fn temporary_name_patterns() {
+        let names = TemporaryNames::default();
+        for (name, temporary) in [
+            ("data.csv.filepart", true),
+            ("in/data.csv.partial", true),
+            ("x.part", true),
+            ("data.csv", false),
+            ("archive.part1.rar", false),
+            ("filepart", false),
+        ] {
+            assert_eq!(names.matches(name), temporary, "{name}");
+        }
+        assert!(glob(".in.*.", ".in.report.csv."));
+        assert!(glob("~*.tmp", "~abc.tmp"));
+        assert!(!glob("~*.tmp", "abc.tmp"));
+        assert!(glob("a*b*c", "aXbYc") && !glob("a*b*c", "aXcYb"));
+        let text = format!("{MINIMAL}[server]\ntemporary_names = [\"*\", \"a/b\"]\n");
+        assert_eq!(
+            Config::parse(Path::new("c.toml"), &text)
+                .unwrap_err()
+                .0
+                .len(),
+            2
         );
     }
 

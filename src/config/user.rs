@@ -215,7 +215,6 @@ impl Users {
         }
     }
 
-    /// Builds the directory, refusing an SSH key shared by two users.
     /// Builds the directory from validated users, refusing an SSH key shared by two users.
     pub fn from_users(users: Vec<User>, problems: &mut Problems) -> Users {
         let mut owner_of_key: HashMap<KeyData, String> = HashMap::new();
@@ -408,6 +407,28 @@ pub fn parse_user(file: &Path, text: &str, base: &Path) -> Result<User, Problems
     }
 }
 
+/// Whether an alert URL is acceptable: https anywhere, plain http only to this machine.
+pub fn url_allowed(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.scheme() {
+        "https" => parsed.host().is_some(),
+        "http" => is_this_machine(&parsed),
+        _ => false,
+    }
+}
+
+/// Whether a URL's host is a loopback address or `localhost` (parsed, not matched as text).
+pub fn is_this_machine(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        None => false,
+    }
+}
+
 /// Parses an events list (default: delivered, quarantined, stuck).
 pub(super) fn parse_events(
     field: &str,
@@ -526,10 +547,7 @@ fn parse_notify(raw: &RawUser, base: &Path, report: &mut FileReporter) -> Vec<No
     }
     if let Some(webhook) = &raw.notify_webhook {
         let url = webhook.url.get_ref();
-        let loopback = url.starts_with("http://127.")
-            || url.starts_with("http://localhost")
-            || url.starts_with("http://[::1]");
-        if !(url.starts_with("https://") || loopback) || url::Url::parse(url).is_err() {
+        if !url_allowed(url) {
             report.at(
                 Some(webhook.url.span()),
                 "notify_webhook.url",
@@ -973,6 +991,18 @@ mod tests {
         let problems = parse_user(Path::new("/u/acme.toml"), &bad, Path::new("/")).unwrap_err();
         let fields: Vec<_> = problems.0.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["notify_email_events", "notify_webhook.url"]);
+        for (url, allowed) in [
+            ("https://hooks.example.org/x", true),
+            ("http://127.0.0.1:8080/x", true),
+            ("http://[::1]/x", true),
+            ("http://localhost/x", true),
+            ("http://localhost@evil.example/x", false),
+            ("http://localhost.evil.example/x", false),
+            ("http://127.0.0.1.evil.example/", false),
+            ("ftp://example.org", false),
+        ] {
+            assert_eq!(url_allowed(url), allowed, "{url}");
+        }
     }
 
     #[test]

@@ -225,10 +225,12 @@ impl Notifier {
             tokio::time::sleep(period).await;
         }
     }
+}
 
-    /// Sends a test alert to each of `user`'s targets now (not through the outbox) and returns each
-    /// target with its result.
-    pub async fn test(&self, user: &User) -> Vec<(String, Result<(), SendError>)> {
+/// Sends a test alert to each of `user`'s targets now (not through the outbox) and returns each
+/// target with its result.
+pub async fn test_targets(sender: &Sender, user: &User) -> Vec<(String, Result<(), SendError>)> {
+    {
         let facts = Facts {
             event_id: event_id(),
             event: "test".into(),
@@ -254,7 +256,7 @@ impl Notifier {
                     format!("webhook {}", url.split('?').next().unwrap_or(url))
                 }
             };
-            results.push((name, self.sender.send(&target.channel, &facts).await));
+            results.push((name, sender.send(&target.channel, &facts).await));
         }
         results
     }

@@ -58,6 +58,12 @@ impl Sender {
             Channel::Email { to } => self.email(to, facts).await,
             Channel::Slack { webhook } => {
                 let url = webhook.read().map_err(SendError::Retry)?;
+                if !crate::config::url_allowed(&url) {
+                    return Err(SendError::Permanent(format!(
+                        "the Slack webhook in {} is not an https URL",
+                        webhook.describe()
+                    )));
+                }
                 let body = serde_json::json!({ "text": facts.slack_text() });
                 self.post(
                     &url,

@@ -91,6 +91,8 @@ pub struct Pipeline {
     destinations: Mutex<HashMap<(Location, Option<String>), Bucket>>,
     /// Operators' alert targets (every user's files).
     operators: Vec<crate::config::NotifyTarget>,
+    /// Held upload names, and how long they may sit before being processed anyway.
+    temporary_names: crate::config::TemporaryNames,
     /// Test hook (`INGESTION_FAILPOINT=pause-after-copy`): stop for good between copy and delete, so
     /// that a test can kill the process there.
     pause_after_copy: bool,
@@ -108,6 +110,7 @@ impl Pipeline {
         settings: Settings,
         landed: Arc<Notify>,
         operators: Vec<crate::config::NotifyTarget>,
+        temporary_names: crate::config::TemporaryNames,
     ) -> Pipeline {
         let node: [u8; 4] = rand::random();
         Pipeline {
@@ -122,6 +125,7 @@ impl Pipeline {
             node: format!("node-{}", crate::storage::hex(&node)),
             destinations: Mutex::new(HashMap::new()),
             operators,
+            temporary_names,
             pause_after_copy: std::env::var("INGESTION_FAILPOINT")
                 .is_ok_and(|v| v == "pause-after-copy"),
         }
@@ -154,7 +158,12 @@ impl Pipeline {
             let path = path.join("/");
             if let Some(job) = self
                 .state
-                .adopt_orphan(username, &path, object.size)
+                .adopt_orphan(
+                    username,
+                    &path,
+                    object.size,
+                    self.temporary_names.matches(&path),
+                )
                 .await?
             {
                 adopted += 1;
@@ -180,6 +189,7 @@ impl Pipeline {
         for index in 0..self.settings.workers.max(1) {
             workers.spawn(self.clone().worker(index));
         }
+        workers.spawn(self.clone().release_idle_held_forever());
         while workers.join_next().await.is_some() {}
     }
 
@@ -202,6 +212,28 @@ impl Pipeline {
                     tracing::error!(%error, "cannot claim jobs; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+        }
+    }
+
+    /// Files left under a temporary name past the timeout are processed under that name.
+    async fn release_idle_held_forever(self: Arc<Self>) {
+        let timeout = self.temporary_names.timeout;
+        let period = (timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(period).await;
+            let cutoff = humantime::format_rfc3339_millis(std::time::SystemTime::now() - timeout)
+                .to_string();
+            match self.state.release_idle_held(&cutoff).await {
+                Ok(0) => {}
+                Ok(released) => {
+                    tracing::info!(
+                        released,
+                        "files under temporary names were never renamed; processing them"
+                    );
+                    self.landed.notify_one();
+                }
+                Err(error) => tracing::error!(%error, "cannot release idle temporary files"),
             }
         }
     }

@@ -118,6 +118,7 @@ pub struct UserView {
     max_file_size: u64,
     /// Lease owner name for this session's holds on paths.
     holder: String,
+    temporary_names: Arc<crate::config::TemporaryNames>,
 }
 
 impl UserView {
@@ -128,6 +129,7 @@ impl UserView {
         state: State,
         max_file_size: u64,
         session: &str,
+        temporary_names: Arc<crate::config::TemporaryNames>,
     ) -> UserView {
         UserView {
             user,
@@ -136,6 +138,7 @@ impl UserView {
             state,
             max_file_size,
             holder: format!("sftp:{session}"),
+            temporary_names,
         }
     }
 
@@ -149,6 +152,11 @@ impl UserView {
 
     pub fn holder(&self) -> &str {
         &self.holder
+    }
+
+    /// Whether a home path has a temporary upload name (held until renamed).
+    pub fn is_temporary(&self, relative: &str) -> bool {
+        self.temporary_names.matches(relative)
     }
 
     /// Holds the jobs of a home path so that the pipeline leaves them alone (see `State::hold_path`).
@@ -506,6 +514,7 @@ impl UserView {
                     &from_home.relative(),
                     &to_home.relative(),
                     &self.holder,
+                    self.is_temporary(&to_home.relative()),
                 )
                 .await?;
         }

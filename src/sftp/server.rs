@@ -98,6 +98,7 @@ pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
 /// What every connection shares.
 pub struct FrontDoor {
     users: Arc<SharedUsers>,
+    temporary_names: Arc<crate::config::TemporaryNames>,
     operators: Arc<Vec<crate::config::NotifyTarget>>,
     landed: Arc<tokio::sync::Notify>,
     landing: Bucket,
@@ -111,6 +112,7 @@ impl FrontDoor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         users: Arc<SharedUsers>,
+        temporary_names: crate::config::TemporaryNames,
         operators: Vec<crate::config::NotifyTarget>,
         landed: Arc<tokio::sync::Notify>,
         landing: Bucket,
@@ -121,6 +123,7 @@ impl FrontDoor {
     ) -> FrontDoor {
         FrontDoor {
             users,
+            temporary_names: Arc::new(temporary_names),
             operators: Arc::new(operators),
             landed,
             landing,
@@ -389,6 +392,7 @@ impl Handler for Connection {
                 self.door.state.clone(),
                 self.door.max_file_size,
                 &session_of(&self.subject),
+                self.door.temporary_names.clone(),
             ),
             state: self.door.state.clone(),
             audit: self.door.audit.clone(),

@@ -809,6 +809,7 @@ async fn finish_upload(
         size: uploaded.size,
         sha256: &uploaded.sha256,
         session: &session,
+        held: ctx.view.is_temporary(&relative),
     };
     let recorded = ctx
         .state

@@ -1,8 +1,8 @@
 //! The job life cycle: one row per acknowledged upload, moved through its states by leases.
 //!
 //! ```text
-//! landed ──scan──▶ clean | infected | unscannable ──route──▶ delivered | quarantined
-//!    │                         (verdict kept)                      (final)
+//! held ──renamed or idle──▶ landed ──scan──▶ clean | infected | unscannable ──route──▶ delivered | quarantined
+//!                             │                         (verdict kept)                      (final)
 //!    ├──▶ superseded (the same path was uploaded again before processing)
 //!    ├──▶ removed    (its owner removed it before processing)
 //!    └──▶ failed     (too many attempts; `retry` puts it back where it was)
@@ -39,6 +39,8 @@ macro_rules! columns {
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
+    /// Uploaded under a temporary name (`name.filepart`): waits for its rename, or its timeout.
+    Held,
     Landed,
     Clean,
     Infected,
@@ -51,7 +53,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 9] = [
+    pub const ALL: [JobState; 10] = [
+        JobState::Held,
         JobState::Landed,
         JobState::Clean,
         JobState::Infected,
@@ -65,6 +68,7 @@ impl JobState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::Held => "held",
             JobState::Landed => "landed",
             JobState::Clean => "clean",
             JobState::Infected => "infected",
@@ -151,6 +155,8 @@ pub struct NewJob<'a> {
     pub size: u64,
     pub sha256: &'a str,
     pub session: &'a str,
+    /// Uploaded under a temporary name: held until renamed (or idle too long).
+    pub held: bool,
 }
 
 /// Which jobs to list.
@@ -233,7 +239,7 @@ impl State {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE jobs SET state = 'superseded', updated_at = $1, lease_owner = NULL, lease_until = NULL, \
-             finished_at = $1 WHERE username = $2 AND path = $3 AND state = 'landed' \
+             finished_at = $1 WHERE username = $2 AND path = $3 AND state IN ('landed', 'held') \
              AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)",
         )
         .bind(&now)
@@ -246,7 +252,7 @@ impl State {
         let size = i64::try_from(job.size).unwrap_or(i64::MAX);
         let row = sqlx::query(
             "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'landed', $5, $6, $6) RETURNING id",
+             VALUES ($1, $2, $3, $4, CASE WHEN $7 THEN 'held' ELSE 'landed' END, $5, $6, $6) RETURNING id",
         )
         .bind(job.username)
         .bind(job.path)
@@ -254,6 +260,7 @@ impl State {
         .bind(job.sha256)
         .bind(job.session)
         .bind(&now)
+        .bind(job.held)
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get(0)?;
@@ -275,7 +282,7 @@ impl State {
         let now = now_ms();
         sqlx::query(
             "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 \
-             AND (path = $4 OR substr(path, 1, length($4) + 1) = $4 || '/') AND state = 'landed' \
+             AND (path = $4 OR substr(path, 1, length($4) + 1) = $4 || '/') AND state IN ('landed', 'held') \
              AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)",
         )
         .bind(holder)
@@ -288,8 +295,8 @@ impl State {
         let busy: i64 = sqlx::query(
             "SELECT COUNT(*) FROM jobs WHERE username = $1 \
              AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/') \
-             AND state IN ('landed', 'clean', 'infected', 'unscannable') \
-             AND NOT (state = 'landed' AND lease_owner = $3)",
+             AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
+             AND NOT (state IN ('landed', 'held') AND lease_owner = $3)",
         )
         .bind(username)
         .bind(path)
@@ -324,18 +331,21 @@ impl State {
     }
 
     /// Follows a rename of a held, unprocessed file (or of every file below a renamed folder) and
-    /// releases the hold.
+    /// releases the hold. A file renamed to a temporary name is held; renamed away from one, it is
+    /// released to the pipeline.
     pub async fn rename_landed(
         &self,
         username: &str,
         from: &str,
         to: &str,
         holder: &str,
+        to_temporary: bool,
     ) -> Result<(), StateError> {
         sqlx::query(
             "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
+             state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
              lease_owner = NULL, lease_until = NULL \
-             WHERE username = $4 AND state = 'landed' AND lease_owner = $5 \
+             WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 \
              AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/')",
         )
         .bind(to)
@@ -343,6 +353,7 @@ impl State {
         .bind(now())
         .bind(username)
         .bind(holder)
+        .bind(to_temporary)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -358,7 +369,7 @@ impl State {
         let now = now();
         sqlx::query(
             "UPDATE jobs SET state = 'removed', updated_at = $1, finished_at = $1, lease_owner = NULL, \
-             lease_until = NULL WHERE username = $2 AND path = $3 AND state = 'landed' AND lease_owner = $4",
+             lease_until = NULL WHERE username = $2 AND path = $3 AND state IN ('landed', 'held') AND lease_owner = $4",
         )
         .bind(&now)
         .bind(username)
@@ -377,23 +388,40 @@ impl State {
         username: &str,
         path: &str,
         size: u64,
+        held: bool,
     ) -> Result<Option<i64>, StateError> {
         let now = now();
         let row = sqlx::query(
             "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
-             SELECT $1, $2, $3, '', 'landed', 'reconcile', $4, $4 WHERE NOT EXISTS \
+             SELECT $1, $2, $3, '', CASE WHEN $5 THEN 'held' ELSE 'landed' END, 'reconcile', $4, $4 WHERE NOT EXISTS \
              (SELECT 1 FROM jobs WHERE username = $1 AND path = $2 \
-              AND state IN ('landed', 'clean', 'infected', 'unscannable', 'failed')) RETURNING id",
+              AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable', 'failed')) RETURNING id",
         )
         .bind(username)
         .bind(path)
         .bind(i64::try_from(size).unwrap_or(i64::MAX))
         .bind(&now)
+        .bind(held)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| row.try_get(0))
             .transpose()
             .map_err(StateError::from)
+    }
+
+    /// Releases to the pipeline the held files (temporary names) untouched since `cutoff` (RFC 3339,
+    /// as `updated_at`): a client that never renamed them. Returns how many.
+    pub async fn release_idle_held(&self, cutoff: &str) -> Result<u64, StateError> {
+        let result = sqlx::query(
+            "UPDATE jobs SET state = 'landed', updated_at = $1 WHERE state = 'held' AND updated_at < $2 \
+             AND (lease_owner IS NULL OR lease_until < $3)",
+        )
+        .bind(now())
+        .bind(cutoff)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
     }
 
     /// Claims the next job that needs work and whose lease is free, for `owner`, until `lease` passes.
@@ -644,6 +672,7 @@ mod tests {
             size: 3,
             sha256: "abc",
             session: "s",
+            held: false,
         }
     }
 
@@ -706,7 +735,7 @@ mod tests {
         );
         assert!(state.claim("worker", HOLD).await.unwrap().is_none());
         state
-            .rename_landed("acme", "in", "out", "sftp")
+            .rename_landed("acme", "in", "out", "sftp", false)
             .await
             .unwrap();
         let claimed = state.claim("worker", HOLD).await.unwrap().unwrap();
@@ -787,14 +816,14 @@ mod tests {
         let (_dir, state) = state().await;
         assert!(
             state
-                .adopt_orphan("acme", "x.csv", 5)
+                .adopt_orphan("acme", "x.csv", 5, false)
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
             state
-                .adopt_orphan("acme", "x.csv", 5)
+                .adopt_orphan("acme", "x.csv", 5, false)
                 .await
                 .unwrap()
                 .is_none()
@@ -807,6 +836,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((jobs.len(), jobs[0].sha256.as_str()), (1, ""));
+    }
+
+    #[tokio::test]
+    async fn temporary_names_are_held_until_renamed_or_idle() {
+        let (_dir, state) = state().await;
+        let mut part = job("data.csv.filepart");
+        part.held = true;
+        let id = state.record_upload(&part, "s").await.unwrap();
+        assert!(
+            state.claim("w", HOLD).await.unwrap().is_none(),
+            "held jobs are not processed"
+        );
+        state
+            .hold_path("acme", "data.csv.filepart", "sftp", HOLD)
+            .await
+            .unwrap()
+            .unwrap();
+        state
+            .rename_landed("acme", "data.csv.filepart", "data.csv", "sftp", false)
+            .await
+            .unwrap();
+        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        assert_eq!((claimed.id, claimed.path.as_str()), (id, "data.csv"));
+
+        let idle = state.record_upload(&part, "s").await.unwrap();
+        assert_eq!(
+            state
+                .release_idle_held("2000-01-01T00:00:00.000Z")
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            state
+                .release_idle_held("2999-01-01T00:00:00.000Z")
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            state.job(idle).await.unwrap().unwrap().state,
+            JobState::Landed
+        );
     }
 
     #[tokio::test]
