@@ -52,6 +52,14 @@ pub enum Event {
     ChannelRefused {
         request: String,
     },
+    /// A connection closed before SSH started: a banned address or too many waiting logins.
+    ConnectionRefused {
+        reason: String,
+    },
+    /// A connection that did not log in within `limits.auth_timeout` was closed.
+    AuthTimeout {
+        seconds: u64,
+    },
     Open {
         path: String,
         mode: &'static str,

@@ -307,6 +307,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     ));
     tokio::spawn(notifier.run());
     let door = Arc::new(FrontDoor::new(
+        crate::sftp::guard::Guard::new(config.limits.clone()),
         users,
         config.server.temporary_names.clone(),
         config.notify.operators.clone(),

@@ -616,3 +616,61 @@ fn invalid_configuration_stops_the_start_with_file_and_field() {
         "nothing may be created by a failed start"
     );
 }
+
+#[test]
+fn an_address_that_keeps_failing_is_banned_while_others_log_in() {
+    let Some(setup) = setup("an_address_that_keeps_failing_is_banned_while_others_log_in") else {
+        return;
+    };
+    let mut user = acme(&setup);
+    user.allowed_ips = vec!["127.0.0.1/32", "127.0.0.2/32"];
+    let server = Server::launch(
+        &[user],
+        "",
+        &format!(
+            "{NO_SCANNER}[limits]\npenalty_after = 3\npenalty_base = \"60s\"\nauth_timeout = \"2s\"\n"
+        ),
+        Landing::Local,
+        &[],
+    );
+    for attempt in 0..3 {
+        let output = server.sftp_from("acme", &setup.other, "ls\n", Some("127.0.0.2"));
+        assert_failure(&output, &format!("wrong key, attempt {attempt}"));
+    }
+    // Banned now: even the right key from that address is turned away before SSH starts.
+    let output = server.sftp_from("acme", &setup.acme, "ls\n", Some("127.0.0.2"));
+    assert_failure(&output, "the right key from a banned address");
+    let refused = server.events("connection_refused");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["ip"] == "127.0.0.2" && e["reason"].as_str().unwrap().contains("banned")),
+        "{refused:?}"
+    );
+    assert_success(
+        &server.sftp("acme", &setup.acme, "ls\n"),
+        "the same user from another address",
+    );
+
+    // A connection that never logs in is closed after auth_timeout.
+    use std::io::{Read, Write};
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    idle.write_all(b"SSH-2.0-idle\r\n").unwrap();
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match idle.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(9),
+        "the idle connection was not closed"
+    );
+    wait_until(10, "the auth_timeout audit event", || {
+        (server.events("auth_timeout").len() == 1).then_some(())
+    });
+}

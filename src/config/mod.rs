@@ -44,6 +44,13 @@ pub struct Config {
     pub pipeline: PipelineSettings,
     pub onboarding: Onboarding,
     pub notify: Notify,
+    /// Defences against what an unauthenticated peer can do.
+    ///
+    /// # Defaults
+    /// 64 unauthenticated connections, 8 per address, 30 s to log in; an address whose connections end
+    /// without a login 5 times is banned for 30 s, doubling with each further failure up to 1 h; 16
+    /// sessions per user.
+    pub limits: crate::sftp::guard::Limits,
 }
 
 /// How alerts are sent, and the operators' own targets.
@@ -203,6 +210,27 @@ struct RawConfig {
     onboarding: RawOnboarding,
     #[serde(default)]
     notify: RawNotify,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    /// Connections that may be waiting to log in at once.
+    max_unauthenticated: Option<Spanned<i64>>,
+    /// Of those, from one address.
+    max_unauthenticated_per_ip: Option<Spanned<i64>>,
+    /// How long a connection may take to log in, e.g. "30s".
+    auth_timeout: Option<Spanned<String>>,
+    /// Connections ending without a login before the address is banned.
+    penalty_after: Option<Spanned<i64>>,
+    /// The first ban; doubled with each further failure.
+    penalty_base: Option<Spanned<String>>,
+    /// The longest ban.
+    penalty_max: Option<Spanned<String>>,
+    /// Sessions one user may have open at once.
+    max_sessions_per_user: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -469,6 +497,7 @@ impl Config {
         let pipeline = parse_pipeline(&raw.pipeline, &mut report);
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
         let notify = parse_notify(&raw.notify, &mut report);
+        let limits = parse_limits(&raw.limits, &mut report);
 
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
@@ -503,6 +532,7 @@ impl Config {
                     pipeline,
                     onboarding,
                     notify,
+                    limits,
                 })
             }
             _ => Err(problems),
@@ -669,6 +699,65 @@ fn parse_pipeline(raw: &RawPipeline, report: &mut FileReporter) -> PipelineSetti
         );
     }
     settings
+}
+
+fn parse_limits(raw: &RawLimits, report: &mut FileReporter) -> crate::sftp::guard::Limits {
+    let defaults = crate::sftp::guard::Limits::default();
+    let count =
+        |report: &mut FileReporter, field: &str, value: &Option<Spanned<i64>>, default: usize| {
+            count_field(
+                report,
+                field,
+                value,
+                u32::try_from(default).unwrap_or(u32::MAX),
+                1_000_000,
+            ) as usize
+        };
+    crate::sftp::guard::Limits {
+        max_unauthenticated: count(
+            report,
+            "limits.max_unauthenticated",
+            &raw.max_unauthenticated,
+            defaults.max_unauthenticated,
+        ),
+        max_unauthenticated_per_ip: count(
+            report,
+            "limits.max_unauthenticated_per_ip",
+            &raw.max_unauthenticated_per_ip,
+            defaults.max_unauthenticated_per_ip,
+        ),
+        auth_timeout: duration_field(
+            report,
+            "limits.auth_timeout",
+            &raw.auth_timeout,
+            defaults.auth_timeout,
+        ),
+        penalty_after: count_field(
+            report,
+            "limits.penalty_after",
+            &raw.penalty_after,
+            defaults.penalty_after,
+            1000,
+        ),
+        penalty_base: duration_field(
+            report,
+            "limits.penalty_base",
+            &raw.penalty_base,
+            defaults.penalty_base,
+        ),
+        penalty_max: duration_field(
+            report,
+            "limits.penalty_max",
+            &raw.penalty_max,
+            defaults.penalty_max,
+        ),
+        max_sessions_per_user: count(
+            report,
+            "limits.max_sessions_per_user",
+            &raw.max_sessions_per_user,
+            defaults.max_sessions_per_user,
+        ),
+    }
 }
 
 fn parse_temporary_names(raw: &RawServer, report: &mut FileReporter) -> TemporaryNames {

@@ -6,6 +6,7 @@
 //! output; nothing but the `sftp` subsystem is served (no shell, no exec, no forwarding).
 
 pub mod fs;
+pub mod guard;
 pub mod paths;
 mod server;
 mod session;

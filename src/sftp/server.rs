@@ -17,6 +17,7 @@ use russh::{Channel, ChannelId, MethodKind, MethodSet, Preferred, cipher, compre
 use tokio::net::{TcpListener, TcpStream};
 
 use super::fs::UserView;
+use super::guard::{Guard, Ticket};
 use super::session::{self, SessionContext};
 use crate::audit::{Audit, Event, Subject};
 use crate::config::{SharedUsers, User, Users};
@@ -97,6 +98,7 @@ pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
 
 /// What every connection shares.
 pub struct FrontDoor {
+    guard: Arc<Guard>,
     users: Arc<SharedUsers>,
     temporary_names: Arc<crate::config::TemporaryNames>,
     operators: Arc<Vec<crate::config::NotifyTarget>>,
@@ -111,6 +113,7 @@ pub struct FrontDoor {
 impl FrontDoor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        guard: Arc<Guard>,
         users: Arc<SharedUsers>,
         temporary_names: crate::config::TemporaryNames,
         operators: Vec<crate::config::NotifyTarget>,
@@ -122,6 +125,7 @@ impl FrontDoor {
         ssh: russh::server::Config,
     ) -> FrontDoor {
         FrontDoor {
+            guard,
             users,
             temporary_names: Arc::new(temporary_names),
             operators: Arc::new(operators),
@@ -150,11 +154,29 @@ impl FrontDoor {
                     continue;
                 }
             };
-            tokio::spawn(self.clone().connection(socket, peer));
+            let ip = crate::config::canonical_ip(peer.ip());
+            match self.guard.admit(ip, std::time::Instant::now()) {
+                Ok(ticket) => {
+                    tokio::spawn(self.clone().connection(socket, peer, ticket));
+                }
+                Err(refusal) => {
+                    drop(socket);
+                    let subject = Subject {
+                        ip: Some(ip.to_string()),
+                        ..Subject::default()
+                    };
+                    self.audit.record(
+                        &subject,
+                        Event::ConnectionRefused {
+                            reason: refusal.to_string(),
+                        },
+                    );
+                }
+            }
         }
     }
 
-    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr, ticket: Ticket) {
         let subject = Subject {
             session: Some(session_id()),
             ip: Some(crate::config::canonical_ip(peer.ip()).to_string()),
@@ -163,17 +185,32 @@ impl FrontDoor {
         self.audit
             .record(&subject, Event::Connect { port: peer.port() });
         let subject = Arc::new(Mutex::new(subject));
+        let logged_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = Connection {
             door: self.clone(),
             peer,
             subject: subject.clone(),
             user: None,
             channels: HashMap::new(),
+            ticket,
+            logged_in: logged_in.clone(),
         };
+        let timeout = self.guard.limits().auth_timeout;
+        let started = std::time::Instant::now();
+        let socket = AuthDeadline::new(socket, logged_in.clone(), timeout);
         let result = match russh::server::run_stream(self.ssh.clone(), socket, handler).await {
             Ok(running) => running.await,
             Err(error) => Err(error),
         };
+        if !logged_in.load(std::sync::atomic::Ordering::SeqCst) && started.elapsed() >= timeout {
+            let subject = subject.lock().map(|s| s.clone()).unwrap_or_default();
+            self.audit.record(
+                &subject,
+                Event::AuthTimeout {
+                    seconds: timeout.as_secs(),
+                },
+            );
+        }
         let subject = subject.lock().map(|s| s.clone()).unwrap_or_default();
         self.audit.record(
             &subject,
@@ -181,6 +218,82 @@ impl FrontDoor {
                 error: result.err().map(|error| error.to_string()),
             },
         );
+    }
+}
+
+/// A socket that stops reading once `deadline` passes unless the connection has logged in, so a
+/// peer that never finishes (or never starts) authenticating is dropped, whatever stage it stalls in.
+struct AuthDeadline<S> {
+    inner: S,
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> AuthDeadline<S> {
+    fn new(
+        inner: S,
+        logged_in: Arc<std::sync::atomic::AtomicBool>,
+        timeout: Duration,
+    ) -> AuthDeadline<S> {
+        AuthDeadline {
+            inner,
+            logged_in,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AuthDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.logged_in.load(std::sync::atomic::Ordering::SeqCst)
+            && self.deadline.as_mut().poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "authentication timed out",
+            )));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AuthDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -204,6 +317,9 @@ struct Connection {
     subject: Arc<Mutex<Subject>>,
     user: Option<Arc<User>>,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// This connection's place among unauthenticated ones; dropping it un-logged-in is a failure.
+    ticket: Ticket,
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why a key was refused, for the audit log.
@@ -316,6 +432,20 @@ impl Handler for Connection {
     ) -> Result<Auth, Self::Error> {
         match self.check(user, key.public_key, key.algorithm) {
             Ok(found) => {
+                if !self.ticket.is_logged_in() && !self.door.guard.open_session(&found.username) {
+                    self.audit_refusal(
+                        user,
+                        key.public_key,
+                        Refusal::Auth(format!(
+                            "the user already has {} sessions (limits.max_sessions_per_user)",
+                            self.door.guard.limits().max_sessions_per_user
+                        )),
+                    );
+                    return Ok(Auth::reject());
+                }
+                self.ticket.logged_in(&found.username);
+                self.logged_in
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 if let Ok(mut subject) = self.subject.lock() {
                     subject.user = Some(found.username.clone());
                 }
