@@ -316,7 +316,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         state,
         audit,
         config.server.max_file_size,
-        ssh_config(host_key),
+        ssh_config(host_key, config.server.algorithms),
     ));
     let pipeline = tokio::spawn(pipeline.run());
     // Listen for SIGHUP before publishing the pid, so an early `ingestion reload` cannot kill us.

@@ -124,6 +124,19 @@ pub struct Server {
     pub pid_file: PathBuf,
     /// Names clients upload to before renaming (WinSCP's `*.filepart`, …).
     pub temporary_names: TemporaryNames,
+    pub algorithms: Algorithms,
+}
+
+/// Which SSH algorithms are offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithms {
+    /// Post-quantum key exchange first, plus classical curve25519 and non-ETM SHA-2 MACs for clients
+    /// that have nothing newer (curl's libssh2 1.10, rclone 1.60, OpenSSH before 9.9). The default.
+    #[default]
+    Compatible,
+    /// mlkem768x25519-sha256 and ETM MACs only: a clean ssh-audit report, but only OpenSSH 9.9 and
+    /// later clients can connect.
+    PostQuantumOnly,
 }
 
 /// File names that clients use while uploading and rename when done (`report.csv.filepart` →
@@ -314,6 +327,8 @@ struct RawServer {
     temporary_names: Option<Vec<Spanned<String>>>,
     /// How long a file with a temporary name may sit before it is processed anyway, e.g. "1h".
     temporary_name_timeout: Option<Spanned<String>>,
+    /// "compatible" (default) or "post-quantum-only".
+    algorithms: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -493,6 +508,23 @@ impl Config {
             },
         };
         let temporary_names = parse_temporary_names(&raw.server, &mut report);
+        let algorithms = match raw.server.algorithms.as_ref() {
+            None => Algorithms::Compatible,
+            Some(value) => {
+                match value.get_ref().as_str() {
+                    "compatible" => Algorithms::Compatible,
+                    "post-quantum-only" => Algorithms::PostQuantumOnly,
+                    other => {
+                        report.at(
+                        Some(value.span()),
+                        "server.algorithms",
+                        format!("`{other}` is not a choice; use \"compatible\" or \"post-quantum-only\""),
+                    );
+                        Algorithms::Compatible
+                    }
+                }
+            }
+        };
         let scanner = parse_scanner(&raw.scanner, &mut report);
         let pipeline = parse_pipeline(&raw.pipeline, &mut report);
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
@@ -521,6 +553,7 @@ impl Config {
                         public_host: raw.server.public_host.clone(),
                         pid_file: relative(&raw.server.pid_file, "state/ingestion.pid"),
                         temporary_names,
+                        algorithms,
                     },
                     buckets: Buckets {
                         landing,

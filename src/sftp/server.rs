@@ -42,6 +42,14 @@ const CIPHERS: &[cipher::Name] = &[
     cipher::AES_192_CTR,
     cipher::AES_128_CTR,
 ];
+/// `algorithms = "post-quantum-only"`: no classical key exchange (OpenSSH 9.9 and later only).
+const KEX_POST_QUANTUM_ONLY: &[kex::Name] = &[
+    kex::MLKEM768X25519_SHA256,
+    kex::EXTENSION_SUPPORT_AS_SERVER,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+/// `algorithms = "post-quantum-only"`: encrypt-then-MAC only.
+const MACS_ETM_ONLY: &[mac::Name] = &[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM];
 /// SHA-2 MACs only; non-ETM variants last, for libssh2 1.10 (curl on Debian 12).
 const MACS: &[mac::Name] = &[
     mac::HMAC_SHA512_ETM,
@@ -70,7 +78,14 @@ const KEY_ALGORITHMS: &[Algorithm] = &[
 ];
 
 /// The russh server configuration: our host key, our algorithm policy, public keys only.
-pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
+pub fn ssh_config(
+    host_key: PrivateKey,
+    algorithms: crate::config::Algorithms,
+) -> russh::server::Config {
+    let (kex, macs) = match algorithms {
+        crate::config::Algorithms::Compatible => (KEX, MACS),
+        crate::config::Algorithms::PostQuantumOnly => (KEX_POST_QUANTUM_ONLY, MACS_ETM_ONLY),
+    };
     russh::server::Config {
         server_id: russh::SshId::Standard(Cow::Borrowed("SSH-2.0-ingestion")),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -85,11 +100,11 @@ pub fn ssh_config(host_key: PrivateKey) -> russh::server::Config {
         keepalive_interval: Some(Duration::from_secs(60)),
         nodelay: true,
         preferred: Preferred {
-            kex: Cow::Borrowed(KEX),
+            kex: Cow::Borrowed(kex),
             key: Cow::Borrowed(KEY_ALGORITHMS),
             host_key_certificates: Cow::Borrowed(&[]),
             cipher: Cow::Borrowed(CIPHERS),
-            mac: Cow::Borrowed(MACS),
+            mac: Cow::Borrowed(macs),
             compression: Cow::Borrowed(&[compression::NONE]),
         },
         ..Default::default()
