@@ -273,6 +273,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         landed.clone(),
         config.notify.operators.clone(),
         config.server.temporary_names.clone(),
+        config.on_conflict,
     ));
     let adopted = pipeline
         .reconcile()

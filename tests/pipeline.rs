@@ -627,3 +627,65 @@ fn a_temporary_upload_name_is_delivered_once_under_its_final_name() {
     );
     assert_eq!(server.events("delivered").len(), 2);
 }
+
+/// The same name uploaded twice, the first already delivered: by default the second replaces the
+/// first at the destination; with `on_conflict = "suffix"` it is kept beside it.
+#[test]
+fn the_same_name_twice_overwrites_or_gets_a_suffix() {
+    let test = "the_same_name_twice_overwrites_or_gets_a_suffix";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let first = setup.files.path().join("first.csv");
+    std::fs::write(&first, b"first version\n").unwrap();
+    let second = setup.files.path().join("second.csv");
+    std::fs::write(&second, b"second version\n").unwrap();
+    for (sections, expected) in [
+        ("", vec![("report.csv", "second version\n")]),
+        (
+            "[delivery]\non_conflict = \"suffix\"\n",
+            vec![
+                ("report (2).csv", "second version\n"),
+                ("report.csv", "first version\n"),
+            ],
+        ),
+    ] {
+        let server = Server::launch(
+            &[UserSpec::new("acme", &setup.key)],
+            "",
+            &format!("[scanner]\nengine = \"builtin\"\n{sections}"),
+            Landing::Local,
+            &[],
+        );
+        let put = |file: &std::path::Path| {
+            assert_success(
+                &server.sftp(
+                    "acme",
+                    &setup.key,
+                    &format!("put {} report.csv\n", file.display()),
+                ),
+                "upload",
+            );
+        };
+        put(&first);
+        server.wait_for_jobs(30, "the first delivery", |jobs| all_final(jobs, 1));
+        put(&second);
+        server.wait_for_jobs(30, "the second delivery", |jobs| all_final(jobs, 2));
+        let delivered: Vec<(String, String)> = server
+            .files_in("buckets/delivered/acme")
+            .into_iter()
+            .map(|name| {
+                let content = std::fs::read_to_string(
+                    server.dir.path().join("buckets/delivered/acme").join(&name),
+                )
+                .unwrap();
+                (name, content)
+            })
+            .collect();
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(delivered, expected, "{sections}");
+    }
+}

@@ -51,6 +51,19 @@ pub struct Config {
     /// without a login 5 times is banned for 30 s, doubling with each further failure up to 1 h; 16
     /// sessions per user.
     pub limits: crate::sftp::guard::Limits,
+    /// What happens when a routed file's name is already taken at its destination.
+    pub on_conflict: OnConflict,
+}
+
+/// What happens when a file is routed to a name that already holds an object (the same name
+/// uploaded twice, after the first was delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnConflict {
+    /// The later file replaces the earlier one (the default).
+    #[default]
+    Overwrite,
+    /// The later file gets a free name: `report (2).csv`, `report (3).csv`, …
+    Suffix,
 }
 
 /// How alerts are sent, and the operators' own targets.
@@ -225,6 +238,15 @@ struct RawConfig {
     notify: RawNotify,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    delivery: RawDelivery,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    /// "overwrite" (default) or "suffix".
+    on_conflict: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -530,6 +552,21 @@ impl Config {
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
         let notify = parse_notify(&raw.notify, &mut report);
         let limits = parse_limits(&raw.limits, &mut report);
+        let on_conflict = match raw.delivery.on_conflict.as_ref() {
+            None => OnConflict::Overwrite,
+            Some(value) => match value.get_ref().as_str() {
+                "overwrite" => OnConflict::Overwrite,
+                "suffix" => OnConflict::Suffix,
+                other => {
+                    report.at(
+                        Some(value.span()),
+                        "delivery.on_conflict",
+                        format!("`{other}` is not a choice; use \"overwrite\" or \"suffix\""),
+                    );
+                    OnConflict::Overwrite
+                }
+            },
+        };
 
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
@@ -566,6 +603,7 @@ impl Config {
                     onboarding,
                     notify,
                     limits,
+                    on_conflict,
                 })
             }
             _ => Err(problems),

@@ -93,6 +93,7 @@ pub struct Pipeline {
     operators: Vec<crate::config::NotifyTarget>,
     /// Held upload names, and how long they may sit before being processed anyway.
     temporary_names: crate::config::TemporaryNames,
+    on_conflict: crate::config::OnConflict,
     /// Test hook (`INGESTION_FAILPOINT=pause-after-copy`): stop for good between copy and delete, so
     /// that a test can kill the process there.
     pause_after_copy: bool,
@@ -111,6 +112,7 @@ impl Pipeline {
         landed: Arc<Notify>,
         operators: Vec<crate::config::NotifyTarget>,
         temporary_names: crate::config::TemporaryNames,
+        on_conflict: crate::config::OnConflict,
     ) -> Pipeline {
         let node: [u8; 4] = rand::random();
         Pipeline {
@@ -126,6 +128,7 @@ impl Pipeline {
             destinations: Mutex::new(HashMap::new()),
             operators,
             temporary_names,
+            on_conflict,
             pause_after_copy: std::env::var("INGESTION_FAILPOINT")
                 .is_ok_and(|v| v == "pause-after-copy"),
         }

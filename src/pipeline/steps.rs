@@ -144,11 +144,29 @@ impl Pipeline {
                 (self.quarantine.clone(), key, JobState::Quarantined)
             }
         };
-        let url = object_url(&target, &key);
         let landing_key = self.landing_key(job);
+        let key = match job.route_key.as_deref().map(ObjectPath::parse) {
+            // A retry goes exactly where the first attempt was going.
+            Some(Ok(planned)) => planned,
+            _ => {
+                let key = match self.on_conflict {
+                    crate::config::OnConflict::Overwrite => key,
+                    crate::config::OnConflict::Suffix => free_key(&target, key).await?,
+                };
+                if !self
+                    .state
+                    .record_route_key(job.id, owner, key.as_ref())
+                    .await?
+                {
+                    return Err(StepError::LeaseLost);
+                }
+                key
+            }
+        };
+        let url = object_url(&target, &key);
         match self.landing.store().get(&landing_key).await {
             Ok(object) => {
-                self.copy(job, object, &target, key).await?;
+                self.copy(job, object, &target, key.clone()).await?;
                 if !self.state.record_copied(job.id, owner, &url).await? {
                     return Err(StepError::LeaseLost);
                 }
@@ -278,6 +296,45 @@ impl Pipeline {
     }
 }
 
+/// `key` if nothing is stored there, else the first of `name (2).ext`, `name (3).ext`, … that is free.
+async fn free_key(bucket: &Bucket, key: ObjectPath) -> Result<ObjectPath, StepError> {
+    let name = key.filename().unwrap_or_default().to_string();
+    let parent: Vec<String> = key.parts().map(|part| part.as_ref().to_string()).collect();
+    let parent = parent
+        .split_last()
+        .map(|(_, rest)| rest.to_vec())
+        .unwrap_or_default();
+    let mut candidate = key;
+    for n in 2..=10_000u32 {
+        match bucket.store().head(&candidate).await {
+            Err(object_store::Error::NotFound { .. }) => return Ok(candidate),
+            Err(error) => return Err(error.into()),
+            Ok(_) => {}
+        }
+        let next = suffixed(&name, n);
+        candidate = parent
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(next.as_str()))
+            .map(|part| {
+                object_store::path::PathPart::parse(part)
+                    .unwrap_or_else(|_| object_store::path::PathPart::from(part))
+            })
+            .collect();
+    }
+    Err(StepError::Other(format!(
+        "no free name for {name} after 10000 tries"
+    )))
+}
+
+/// `report.csv` → `report (2).csv`; `README` → `README (2)`; `.env` → `.env (2)`.
+fn suffixed(name: &str, n: u32) -> String {
+    match name.rfind('.') {
+        Some(dot) if dot > 0 => format!("{} ({n}){}", &name[..dot], &name[dot..]),
+        _ => format!("{name} ({n})"),
+    }
+}
+
 /// Whether `key` in `bucket` holds bytes with this SHA-256 (never true for an unknown hash).
 async fn holds_bytes(bucket: &Bucket, key: &ObjectPath, sha256: &str) -> Result<bool, StepError> {
     if sha256.is_empty() {
@@ -307,6 +364,14 @@ fn object_url(bucket: &Bucket, key: &ObjectPath) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suffixed_names() {
+        assert_eq!(suffixed("report.csv", 2), "report (2).csv");
+        assert_eq!(suffixed("archive.tar.gz", 3), "archive.tar (3).gz");
+        assert_eq!(suffixed("README", 2), "README (2)");
+        assert_eq!(suffixed(".env", 2), ".env (2)");
+    }
 
     #[test]
     fn tag_values_are_made_safe() {

@@ -32,7 +32,7 @@ macro_rules! open_states {
 macro_rules! columns {
     () => {
         "id, username, path, size, sha256, state, session, received_at, updated_at, attempts, \
-         last_error, verdict, signature, engine, scanned_at, scan_ms, routed_to, copied_at, finished_at"
+         last_error, verdict, signature, engine, scanned_at, scan_ms, routed_to, copied_at, finished_at, route_key"
     };
 }
 
@@ -142,6 +142,8 @@ pub struct Job {
     pub scanned_at: Option<String>,
     pub scan_ms: Option<i64>,
     pub routed_to: Option<String>,
+    /// The object key chosen for routing, kept so that a retry writes to the same place.
+    pub route_key: Option<String>,
     pub copied_at: Option<String>,
     pub finished_at: Option<String>,
 }
@@ -215,6 +217,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StateError> {
         scanned_at: row.try_get("scanned_at")?,
         scan_ms: row.try_get("scan_ms")?,
         routed_to: row.try_get("routed_to")?,
+        route_key: row.try_get("route_key")?,
         copied_at: row.try_get("copied_at")?,
         finished_at: row.try_get("finished_at")?,
     })
@@ -481,6 +484,23 @@ impl State {
         .bind(owner)
         .execute(&self.pool)
         .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records the key a job will be routed to, before the copy starts; `false` if the lease was lost.
+    pub async fn record_route_key(
+        &self,
+        id: i64,
+        owner: &str,
+        key: &str,
+    ) -> Result<bool, StateError> {
+        let result =
+            sqlx::query("UPDATE jobs SET route_key = $1 WHERE id = $2 AND lease_owner = $3")
+                .bind(key)
+                .bind(id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
         Ok(result.rows_affected() == 1)
     }
 

@@ -89,6 +89,9 @@ CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
 ALTER TABLE jobs ADD COLUMN stuck_alerted_at TEXT;
 "#;
 
+/// The object key a job is routed to, chosen once before copying (for `on_conflict = "suffix"`).
+const SCHEMA_V4: &str = "ALTER TABLE jobs ADD COLUMN route_key TEXT;";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot create the folder for the state database {path}: {source}")]
@@ -156,6 +159,13 @@ impl State {
                 Cow::Borrowed("notification outbox"),
                 MigrationType::Simple,
                 SCHEMA_V3.into_sql_str(),
+                false,
+            ),
+            Migration::new(
+                4,
+                Cow::Borrowed("route keys"),
+                MigrationType::Simple,
+                SCHEMA_V4.into_sql_str(),
                 false,
             ),
         ]);
