@@ -422,6 +422,25 @@ impl Config {
                     ),
                 });
             }
+            if let Some(egress) = &user.egress {
+                for other in users.iter().filter(|other| other.username != user.username) {
+                    let theirs = std::iter::once(&other.destination)
+                        .chain(other.egress.as_ref().map(|egress| &egress.location));
+                    for area in theirs {
+                        if egress.location.overlaps(area) {
+                            problems.0.push(Problem {
+                                file: user.file.clone(),
+                                position: None,
+                                field: "egress.location".into(),
+                                message: format!(
+                                    "{} overlaps {area} of user `{}`: it would let this user read the other's files",
+                                    egress.location, other.username
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
             let mut areas = vec![("destination", &user.destination)];
             if let Some(egress) = &user.egress {
                 areas.push(("egress.location", &egress.location));
@@ -784,7 +803,7 @@ fn parse_limits(raw: &RawLimits, report: &mut FileReporter) -> crate::sftp::guar
                 1_000_000,
             ) as usize
         };
-    crate::sftp::guard::Limits {
+    let limits = crate::sftp::guard::Limits {
         max_unauthenticated: count(
             report,
             "limits.max_unauthenticated",
@@ -828,7 +847,26 @@ fn parse_limits(raw: &RawLimits, report: &mut FileReporter) -> crate::sftp::guar
             &raw.max_sessions_per_user,
             defaults.max_sessions_per_user,
         ),
+    };
+    if limits.auth_timeout < Duration::from_secs(1)
+        && let Some(value) = &raw.auth_timeout
+    {
+        report.at(
+            Some(value.span()),
+            "limits.auth_timeout",
+            "at least 1s, or nobody could log in",
+        );
     }
+    if (limits.penalty_base.is_zero() || limits.penalty_base > limits.penalty_max)
+        && let Some(value) = raw.penalty_base.as_ref().or(raw.penalty_max.as_ref())
+    {
+        report.at(
+            Some(value.span()),
+            "limits.penalty_base",
+            "penalty_base must be more than 0 and not more than penalty_max",
+        );
+    }
+    limits
 }
 
 fn parse_temporary_names(raw: &RawServer, report: &mut FileReporter) -> TemporaryNames {

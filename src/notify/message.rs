@@ -52,8 +52,15 @@ impl Facts {
         }
     }
 
-    /// The Slack message; its first line says who, which file and what happened.
+    /// The Slack message; its first line says who, which file and what happened. Everything a
+    /// supplier chose (the path) is escaped so that it cannot add links, mentions or formatting.
     pub fn slack_text(&self) -> String {
+        let mut escaped = self.clone();
+        escaped.path = slack_escape(&self.path);
+        escaped.slack_text_unescaped()
+    }
+
+    fn slack_text_unescaped(&self) -> String {
         let first = match self.event.as_str() {
             "delivered" => format!(
                 "A file uploaded by `{}` has been transferred to `{}`. • `{}`",
@@ -144,6 +151,15 @@ impl Facts {
     }
 }
 
+/// Slack's control characters (`&`, `<`, `>`) as entities; backticks, which would end a code span,
+/// as a look-alike quote.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('`', "\u{2032}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +207,25 @@ mod tests {
                 .contains("transferred to `s3://team/acme/in/data.csv`")
         );
         assert!(delivered.email_body().contains("Event id: e1"));
+    }
+
+    #[test]
+    fn slack_text_cannot_be_injected_through_a_file_name() {
+        let mut hostile = facts("delivered");
+        hostile.path = "/x` <!channel> <https://evil.example|click> & more.csv".into();
+        let text = hostile.slack_text();
+        assert!(
+            !text.contains("<!channel>") && !text.contains("<https://"),
+            "{text}"
+        );
+        assert!(
+            text.contains("&lt;!channel&gt;") && text.contains("&amp;"),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().next().unwrap().matches('`').count(),
+            6,
+            "{text}"
+        );
     }
 }

@@ -221,6 +221,16 @@ impl Ticket {
         self.state = TicketState::LoggedIn(username.to_string());
     }
 
+    /// Ends the wait without logging in and without a penalty (refused for a reason that is not the
+    /// address's fault, such as too many sessions for the user).
+    pub fn forgive(&mut self) {
+        if self.state == TicketState::Waiting {
+            let mut inner = self.guard.lock();
+            Guard::leave_unauthenticated(&mut inner, self.ip);
+            self.state = TicketState::Done;
+        }
+    }
+
     pub fn is_logged_in(&self) -> bool {
         matches!(self.state, TicketState::LoggedIn(_))
     }

@@ -114,6 +114,9 @@ pub fn ssh_config(
 /// What every connection shares.
 pub struct FrontDoor {
     guard: Arc<Guard>,
+    /// KiB of write data queued across every session, so that memory stays bounded however many
+    /// clients push at once.
+    write_budget: Arc<tokio::sync::Semaphore>,
     users: Arc<SharedUsers>,
     temporary_names: Arc<crate::config::TemporaryNames>,
     operators: Arc<Vec<crate::config::NotifyTarget>>,
@@ -141,6 +144,7 @@ impl FrontDoor {
     ) -> FrontDoor {
         FrontDoor {
             guard,
+            write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_BUDGET_KIB)),
             users,
             temporary_names: Arc::new(temporary_names),
             operators: Arc::new(operators),
@@ -209,6 +213,7 @@ impl FrontDoor {
             channels: HashMap::new(),
             ticket,
             logged_in: logged_in.clone(),
+            sftp_sessions: 0,
         };
         let timeout = self.guard.limits().auth_timeout;
         let started = std::time::Instant::now();
@@ -335,7 +340,15 @@ struct Connection {
     /// This connection's place among unauthenticated ones; dropping it un-logged-in is a failure.
     ticket: Ticket,
     logged_in: Arc<std::sync::atomic::AtomicBool>,
+    /// SFTP subsystems started on this connection (each channel counts against MAX_CHANNELS).
+    sftp_sessions: usize,
 }
+
+/// Write data (KiB) that may wait in queues across all sessions: 512 MiB.
+const WRITE_BUDGET_KIB: usize = 512 * 1024;
+
+/// Session channels one connection may open (OpenSSH's sftp uses one).
+const MAX_CHANNELS: usize = 4;
 
 /// Why a key was refused, for the audit log.
 enum Refusal {
@@ -448,6 +461,8 @@ impl Handler for Connection {
         match self.check(user, key.public_key, key.algorithm) {
             Ok(found) => {
                 if !self.ticket.is_logged_in() && !self.door.guard.open_session(&found.username) {
+                    // A supplier whose tool opens too many sessions is not an attacker: no penalty.
+                    self.ticket.forgive();
                     self.audit_refusal(
                         user,
                         key.public_key,
@@ -487,7 +502,7 @@ impl Handler for Connection {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.user.is_some() && self.channels.len() < 4 {
+        if self.user.is_some() && self.channels.len() + self.sftp_sessions < MAX_CHANNELS {
             self.channels.insert(channel.id(), channel);
             reply.accept().await;
         } else {
@@ -529,6 +544,7 @@ impl Handler for Connection {
             }
         };
         session.channel_success(channel_id)?;
+        self.sftp_sessions += 1;
         let ctx = Arc::new(SessionContext {
             view: UserView::new(
                 user,
@@ -544,6 +560,7 @@ impl Handler for Connection {
             subject: self.subject(None),
             landed: self.door.landed.clone(),
             operators: self.door.operators.clone(),
+            write_budget: self.door.write_budget.clone(),
         });
         let handle = session.handle();
         tokio::spawn(async move {

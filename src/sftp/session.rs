@@ -32,10 +32,12 @@ pub const MAX_PACKET: u32 = 256 * 1024;
 pub const MAX_READ_WRITE: u32 = MAX_PACKET - 1024;
 /// Open files and folders per session.
 pub const MAX_HANDLES: usize = 256;
+/// Open folder listings per session (each may hold up to 100,000 names).
+pub const MAX_FOLDER_HANDLES: usize = 8;
 /// Path requests (stat, list, rename, ...) running at once per session.
 const CONCURRENT_REQUESTS: usize = 32;
 /// Requests queued per open file before the loop stops reading.
-const FILE_QUEUE: usize = 64;
+const FILE_QUEUE: usize = 32;
 /// Names per READDIR reply.
 const NAMES_PER_READDIR: usize = 128;
 
@@ -52,6 +54,8 @@ pub struct SessionContext {
     pub landed: Arc<tokio::sync::Notify>,
     /// Operators' alert targets, for `received` alerts.
     pub operators: Arc<Vec<crate::config::NotifyTarget>>,
+    /// Shared budget (KiB) of queued write data; see `server`.
+    pub write_budget: Arc<Semaphore>,
 }
 
 impl SessionContext {
@@ -66,11 +70,27 @@ enum OpenHandle {
 }
 
 enum FileRequest {
-    Write { id: u32, offset: u64, data: Bytes },
-    Read { id: u32, offset: u64, len: u32 },
-    Stat { id: u32 },
-    SetStat { id: u32 },
-    Close { id: u32 },
+    Write {
+        id: u32,
+        offset: u64,
+        data: Bytes,
+        /// Its share of the write budget, returned when the write is done.
+        _budget: tokio::sync::OwnedSemaphorePermit,
+    },
+    Read {
+        id: u32,
+        offset: u64,
+        len: u32,
+    },
+    Stat {
+        id: u32,
+    },
+    SetStat {
+        id: u32,
+    },
+    Close {
+        id: u32,
+    },
 }
 
 struct Session {
@@ -234,10 +254,17 @@ impl Session {
                 self.send(Packet::Version(version)).await;
             }
             Packet::Write(write) => {
+                let kib = u32::try_from(write.data.len().div_ceil(1024))
+                    .unwrap_or(u32::MAX)
+                    .max(1);
+                let Ok(budget) = self.ctx.write_budget.clone().acquire_many_owned(kib).await else {
+                    return;
+                };
                 let request = FileRequest::Write {
                     id: write.id,
                     offset: write.offset,
                     data: Bytes::from(write.data),
+                    _budget: budget,
                 };
                 self.to_file(&write.handle, write.id, request).await;
             }
@@ -625,6 +652,17 @@ impl Worker {
         if self.handle_count() >= MAX_HANDLES {
             return Err(Self::too_many_handles());
         }
+        let folders = self.handles.lock().map_or(usize::MAX, |handles| {
+            handles
+                .values()
+                .filter(|handle| matches!(handle, OpenHandle::Folder(_)))
+                .count()
+        });
+        if folders >= MAX_FOLDER_HANDLES {
+            return Err(SftpError::failure(format!(
+                "too many open folder listings in this session (at most {MAX_FOLDER_HANDLES}); close some first"
+            )));
+        }
         let path = parse_path(raw)?;
         let entries = self.ctx.view.list(&path).await?;
         let handle = self.register(OpenHandle::Folder(entries.into()))?;
@@ -682,7 +720,9 @@ async fn run_upload(
     let mut received: u64 = 0;
     while let Some(request) = queue.recv().await {
         let reply = match request {
-            FileRequest::Write { id, offset, data } => {
+            FileRequest::Write {
+                id, offset, data, ..
+            } => {
                 received = received.max(offset.saturating_add(data.len() as u64));
                 match (&mut upload, &failure) {
                     (Some(current), None) => match current.write(offset, data).await {

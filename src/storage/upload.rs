@@ -24,6 +24,8 @@ use tokio::task::JoinHandle;
 const PARTS_IN_FLIGHT: usize = 2;
 /// Bytes that may wait ahead of a gap before the upload is refused.
 const REORDER_WINDOW: usize = 8 * 1024 * 1024;
+/// Writes that may wait after a gap (tiny writes would otherwise cost far more than their bytes).
+const REORDER_ENTRIES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -35,7 +37,7 @@ pub enum UploadError {
     )]
     Rewrite { offset: u64, streamed: u64 },
     #[error(
-        "writes arrived too far out of order (more than {REORDER_WINDOW} bytes waiting after a gap \
+        "writes arrived too far out of order (more than {REORDER_WINDOW} bytes or {REORDER_ENTRIES} writes waiting after a gap \
          at offset {gap}); upload the file again sequentially"
     )]
     ReorderWindow { gap: u64 },
@@ -174,7 +176,7 @@ impl Upload {
         }
         if offset > self.buffered_end() {
             self.ahead_bytes += data.len();
-            if self.ahead_bytes > REORDER_WINDOW {
+            if self.ahead_bytes > REORDER_WINDOW || self.ahead.len() >= REORDER_ENTRIES {
                 return Err(UploadError::ReorderWindow {
                     gap: self.buffered_end(),
                 });
