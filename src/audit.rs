@@ -1,16 +1,24 @@
 //! The audit trail: one JSON line per event, appended to the audit file and echoed to the log.
 //!
-//! Owns the event vocabulary (what happened, to whom, from where) and the file format. Callers say
-//! what happened; they never format lines themselves. An audit write failure is logged loudly but
-//! never stops a transfer that is already durable.
+//! Owns the event vocabulary (what happened, to whom, from where) and the file format. Each line
+//! carries `prev`, the SHA-256 of the line before it (64 zeros for the first), so [`verify`] detects
+//! any edited, removed or reordered line. Writers (the service and CLI commands) take an exclusive
+//! `flock` on the file to read the last line and append, so the chain holds across processes.
+//! Callers say what happened; they never format lines themselves. An audit write failure is logged
+//! loudly but never stops a transfer that is already durable.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Who and where an event is about.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -178,6 +186,7 @@ pub enum Event {
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,
+    prev: &'a str,
     #[serde(flatten)]
     subject: &'a Subject,
     #[serde(flatten)]
@@ -187,7 +196,9 @@ struct Line<'a> {
 /// The audit sink.
 #[derive(Debug)]
 pub struct Audit {
-    file: Mutex<File>,
+    path: PathBuf,
+    /// Serialises this process's writers (the flock serialises processes).
+    writing: Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,40 +218,121 @@ impl Audit {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(error)?;
         }
-        let file = OpenOptions::new()
+        OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(error)?;
         Ok(Audit {
-            file: Mutex::new(file),
+            path: path.to_path_buf(),
+            writing: Mutex::new(()),
         })
+    }
+
+    /// Appends `event` chained to the last line, under an exclusive lock on the file.
+    fn append(&self, subject: &Subject, event: &Event) -> std::io::Result<String> {
+        let _writing = match self.writing.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)?;
+        let mut file = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
+        let prev = last_line_hash(&mut file)?;
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            prev: &prev,
+            subject,
+            event,
+        };
+        let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
+        let logged = text.clone();
+        text.push('\n');
+        file.write_all(text.as_bytes())?;
+        Ok(logged)
     }
 
     /// Records one event.
     pub fn record(&self, subject: &Subject, event: Event) {
-        let line = Line {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            subject,
-            event: &event,
-        };
-        let mut text = match serde_json::to_string(&line) {
-            Ok(text) => text,
-            Err(error) => {
-                tracing::error!(%error, ?event, "cannot serialise an audit event");
-                return;
-            }
-        };
-        tracing::info!(target: "audit", "{text}");
-        text.push('\n');
-        let written = match self.file.lock() {
-            Ok(mut file) => file.write_all(text.as_bytes()),
-            Err(poisoned) => poisoned.into_inner().write_all(text.as_bytes()),
-        };
-        if let Err(error) = written {
-            tracing::error!(%error, "cannot append to the audit log");
+        match self.append(subject, &event) {
+            Ok(line) => tracing::info!(target: "audit", "{line}"),
+            Err(error) => tracing::error!(%error, ?event, "cannot append to the audit log"),
         }
     }
+}
+
+/// SHA-256 (hex) of the file's last line, or [`GENESIS`] for an empty file.
+fn last_line_hash(file: &mut std::fs::File) -> std::io::Result<String> {
+    let length = file.seek(SeekFrom::End(0))?;
+    let mut window = 4096u64;
+    loop {
+        let start = length.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        let text = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        if text.is_empty() {
+            return Ok(GENESIS.to_string());
+        }
+        match text.iter().rposition(|&b| b == b'\n') {
+            Some(newline) => return Ok(line_hash(text.get(newline + 1..).unwrap_or_default())),
+            None if start == 0 => return Ok(line_hash(text)),
+            None => window = window.saturating_mul(4),
+        }
+    }
+}
+
+fn line_hash(line: &[u8]) -> String {
+    crate::storage::hex(&Sha256::digest(line))
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every line chains to the one before it.
+    Intact { lines: usize },
+    /// The first line (1-based) whose `prev` does not match, and why.
+    Broken { line: usize, reason: String },
+}
+
+/// Checks the whole chain of an audit file.
+pub fn verify(path: &Path) -> std::io::Result<Verdict> {
+    let text = std::fs::read(path)?;
+    let mut expected = GENESIS.to_string();
+    let mut count = 0;
+    for (index, line) in text.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        count += 1;
+        let number = index + 1;
+        let value: serde_json::Value = match serde_json::from_slice(line) {
+            Ok(value) => value,
+            Err(error) => {
+                return Ok(Verdict::Broken {
+                    line: number,
+                    reason: format!("not a JSON line ({error})"),
+                });
+            }
+        };
+        let prev = value
+            .get("prev")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        if prev != expected {
+            return Ok(Verdict::Broken {
+                line: number,
+                reason: "its `prev` does not match the line before it: a line was edited, removed or reordered here"
+                    .into(),
+            });
+        }
+        expected = line_hash(line);
+    }
+    Ok(Verdict::Intact { lines: count })
 }
 
 #[cfg(test)]
@@ -270,9 +362,52 @@ mod tests {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
         assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["prev"], GENESIS);
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 2 });
         assert_eq!(lines[0]["event"], "remove");
         assert_eq!(lines[0]["user"], "acme");
         assert_eq!(lines[0]["path"], "/a b.csv");
         assert!(lines[1].get("user").is_none());
+    }
+
+    #[test]
+    fn verify_detects_edits_removals_and_reordering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(&path).unwrap();
+        for n in 0..4 {
+            audit.record(
+                &Subject::default(),
+                Event::Remove {
+                    path: format!("/f{n}"),
+                },
+            );
+        }
+        // A second writer (another process in real life) continues the same chain.
+        Audit::open(&path)
+            .unwrap()
+            .record(&Subject::default(), Event::Remove { path: "/g".into() });
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 5 });
+        let original = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = original.lines().collect();
+        let check = |text: String, broken_at: usize| {
+            std::fs::write(&path, text).unwrap();
+            match verify(&path).unwrap() {
+                Verdict::Broken { line, .. } => assert_eq!(line, broken_at),
+                intact => panic!("tampering not detected: {intact:?}"),
+            }
+        };
+        check(original.replacen("/f1", "/f9", 1), 3);
+        check(
+            format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[3], lines[4]),
+            2,
+        );
+        check(
+            format!(
+                "{}\n{}\n{}\n{}\n{}\n",
+                lines[0], lines[2], lines[1], lines[3], lines[4]
+            ),
+            2,
+        );
     }
 }

@@ -210,13 +210,18 @@ impl Ticket {
     /// The connection logged in as `username` (whose session slot is already taken): it no longer
     /// counts as unauthenticated, and its address's failures are forgiven.
     pub fn logged_in(&mut self, username: &str) {
-        if self.state != TicketState::Waiting {
-            return;
-        }
-        let mut inner = self.guard.lock();
-        Guard::leave_unauthenticated(&mut inner, self.ip);
-        if let Some(source) = inner.sources.get_mut(&self.ip) {
-            source.failures = 0;
+        match self.state {
+            TicketState::LoggedIn(_) => return,
+            TicketState::Waiting => {
+                let mut inner = self.guard.lock();
+                Guard::leave_unauthenticated(&mut inner, self.ip);
+                if let Some(source) = inner.sources.get_mut(&self.ip) {
+                    source.failures = 0;
+                }
+            }
+            // Forgiven earlier (refused for too many sessions), then a later attempt succeeded: it
+            // no longer counts as waiting, but its session slot must still be given back at the end.
+            TicketState::Done => {}
         }
         self.state = TicketState::LoggedIn(username.to_string());
     }
@@ -342,6 +347,19 @@ mod tests {
             guard.admit(A, after).is_ok(),
             "failures were forgiven by the login"
         );
+    }
+
+    #[test]
+    fn a_login_after_a_forgiven_refusal_still_returns_its_session_slot() {
+        let guard = Guard::new(limits());
+        let now = Instant::now();
+        let mut ticket = guard.admit(A, now).unwrap();
+        ticket.forgive();
+        assert!(guard.open_session("acme"));
+        ticket.logged_in("acme");
+        assert!(!guard.open_session("acme"));
+        drop(ticket);
+        assert!(guard.open_session("acme"), "the slot was given back");
     }
 
     #[test]

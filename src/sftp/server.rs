@@ -213,7 +213,7 @@ impl FrontDoor {
             channels: HashMap::new(),
             ticket,
             logged_in: logged_in.clone(),
-            sftp_sessions: 0,
+            sftp_sessions: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let timeout = self.guard.limits().auth_timeout;
         let started = std::time::Instant::now();
@@ -340,8 +340,8 @@ struct Connection {
     /// This connection's place among unauthenticated ones; dropping it un-logged-in is a failure.
     ticket: Ticket,
     logged_in: Arc<std::sync::atomic::AtomicBool>,
-    /// SFTP subsystems started on this connection (each channel counts against MAX_CHANNELS).
-    sftp_sessions: usize,
+    /// SFTP subsystems running on this connection (each counts against MAX_CHANNELS until it ends).
+    sftp_sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Write data (KiB) that may wait in queues across all sessions: 512 MiB.
@@ -502,7 +502,10 @@ impl Handler for Connection {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.user.is_some() && self.channels.len() + self.sftp_sessions < MAX_CHANNELS {
+        if self.user.is_some()
+            && self.channels.len() + self.sftp_sessions.load(std::sync::atomic::Ordering::SeqCst)
+                < MAX_CHANNELS
+        {
             self.channels.insert(channel.id(), channel);
             reply.accept().await;
         } else {
@@ -544,7 +547,9 @@ impl Handler for Connection {
             }
         };
         session.channel_success(channel_id)?;
-        self.sftp_sessions += 1;
+        self.sftp_sessions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let running = self.sftp_sessions.clone();
         let ctx = Arc::new(SessionContext {
             view: UserView::new(
                 user,
@@ -569,6 +574,7 @@ impl Handler for Connection {
                 let _ = handle.eof(channel_id).await;
             };
             session::serve(channel.into_stream(), ctx, finish).await;
+            running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
         Ok(())
     }

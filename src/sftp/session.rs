@@ -871,6 +871,10 @@ async fn finish_upload(
                 at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
                 last_error: None,
             };
+            if job.held {
+                // A temporary name: the file is not complete in the supplier's eyes yet.
+                return Vec::new();
+            }
             crate::notify::alerts_for(Some(ctx.view.user()), &ctx.operators, &facts)
         })
         .await;
