@@ -90,6 +90,14 @@ pub enum Command {
         #[command(subcommand)]
         command: NotifyCommand,
     },
+    /// Check or export the audit trail.
+    Audit {
+        /// The configuration file.
+        #[arg(long, short, default_value = "ingestion.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// See and retry transfers (jobs).
     Transfers {
         /// The configuration file.
@@ -176,6 +184,17 @@ pub enum UserCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain: exits non-zero naming the first edited, removed or reordered line.
+    Verify,
+    /// Print the lines from a time on (RFC 3339, e.g. 2026-12-04T00:00:00Z), for a SIEM.
+    Export {
+        #[arg(long)]
+        since: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NotifyCommand {
     /// Send a test alert to each of the user's targets now and report each result.
     Test {
@@ -223,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy { config, command } => policy(config.as_deref(), command),
         Command::Reload { config } => reload(&config),
         Command::Notify { config, command } => notify(&config, command).await,
+        Command::Audit { config, command } => audit(&config, command),
     }
 }
 
@@ -900,4 +920,45 @@ async fn notify(config_path: &Path, command: NotifyCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+fn audit(config_path: &Path, command: AuditCommand) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config = Config::parse(config_path, &text).map_err(|problems| anyhow!("{problems}"))?;
+    let path = &config.server.audit_log;
+    match command {
+        AuditCommand::Verify => match crate::audit::verify(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+        {
+            crate::audit::Verdict::Intact { lines } => {
+                println!("{}: {lines} lines, the chain is intact", path.display());
+                Ok(())
+            }
+            crate::audit::Verdict::Broken { line, reason } => {
+                Err(anyhow!("{}: line {line}: {reason}", path.display()))
+            }
+        },
+        AuditCommand::Export { since } => {
+            let since = humantime::parse_rfc3339_weak(&since)
+                .map_err(|_| anyhow!("`{since}` is not a time; write e.g. 2026-12-04T00:00:00Z"))?;
+            let since = humantime::format_rfc3339_millis(since).to_string();
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            for line in text.lines() {
+                let time = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|value| {
+                        value
+                            .get("time")
+                            .and_then(|t| t.as_str())
+                            .map(str::to_string)
+                    });
+                if time.is_some_and(|time| time >= since) {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -369,11 +369,38 @@ fn uploads_cannot_be_read_back_but_can_be_managed() {
         text(&output)
     );
     assert_eq!(server.landing_listing(), ["acme/in/b.csv"]);
+    // Regression: a rename onto itself (posix-rename) used to mark the file's job removed.
+    assert_success(
+        &server.sftp("acme", &setup.acme, "rename in/b.csv in/b.csv\n"),
+        "rename onto itself",
+    );
+    assert_eq!(server.landing_listing(), ["acme/in/b.csv"]);
+    let jobs = server.jobs();
+    assert!(
+        jobs.iter()
+            .any(|job| job.path == "in/b.csv" && job.state.as_str() == "landed"),
+        "{jobs:#?}"
+    );
     let events: Vec<String> = server
         .audit()
         .iter()
         .map(|e| e["event"].as_str().unwrap().to_string())
         .collect();
+    // The audit chain verifies, and one changed byte breaks it at that line.
+    assert_success(&server.cli(&["audit", "verify"]), "audit verify");
+    let log = server.dir.path().join("state/audit.jsonl");
+    let original = std::fs::read_to_string(&log).unwrap();
+    let tampered = original.replacen("\"event\":\"rename\"", "\"event\":\"renamE\"", 1);
+    assert_ne!(original, tampered);
+    std::fs::write(&log, &tampered).unwrap();
+    let broken = server.cli(&["audit", "verify"]);
+    assert_failure(&broken, "audit verify after tampering");
+    assert!(
+        text(&broken).contains("edited, removed or reordered"),
+        "{}",
+        text(&broken)
+    );
+    std::fs::write(&log, &original).unwrap();
     for expected in [
         "connect",
         "auth_accepted",

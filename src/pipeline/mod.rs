@@ -249,8 +249,14 @@ impl Pipeline {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
-                    if !matches!(state.renew(id, &owner, lease).await, Ok(true)) {
-                        break;
+                    match state.renew(id, &owner, lease).await {
+                        Ok(true) => {}
+                        // Lost: another worker owns the job; every later step of ours is refused.
+                        Ok(false) => break,
+                        // A passing database error: try again at the next tick, well before expiry.
+                        Err(error) => {
+                            tracing::warn!(job = id, %error, "cannot renew a lease; retrying")
+                        }
                     }
                 }
             })

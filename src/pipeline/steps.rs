@@ -166,6 +166,7 @@ impl Pipeline {
         let url = object_url(&target, &key);
         match self.landing.store().get(&landing_key).await {
             Ok(object) => {
+                let copied = object.meta.clone();
                 self.copy(job, object, &target, key.clone()).await?;
                 if !self.state.record_copied(job.id, owner, &url).await? {
                     return Err(StepError::LeaseLost);
@@ -177,8 +178,24 @@ impl Pipeline {
                     );
                     std::future::pending::<()>().await;
                 }
-                match self.landing.store().delete(&landing_key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                // Remove the landing copy only if it is still the object that was copied: a newer
+                // upload of the same name may have replaced it meanwhile, and has a job of its own.
+                match self.landing.store().head(&landing_key).await {
+                    Ok(now)
+                        if now.e_tag == copied.e_tag
+                            && now.size == copied.size
+                            && now.last_modified == copied.last_modified =>
+                    {
+                        match self.landing.store().delete(&landing_key).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(error) => return Err(error.into()),
+                        }
+                    }
+                    Ok(_) => tracing::warn!(
+                        job = job.id,
+                        "landing object replaced during routing; left for its own job"
+                    ),
+                    Err(object_store::Error::NotFound { .. }) => {}
                     Err(error) => return Err(error.into()),
                 }
             }

@@ -137,7 +137,11 @@ impl UserView {
             egress,
             state,
             max_file_size,
-            holder: format!("sftp:{session}"),
+            // One holder per SFTP channel: channels of one connection must not release each other's holds.
+            holder: format!(
+                "sftp:{session}:{}",
+                crate::storage::hex(&rand::random::<[u8; 4]>())
+            ),
             temporary_names,
         }
     }
@@ -482,6 +486,11 @@ impl UserView {
     ) -> Result<(), SftpError> {
         let from_home = self.writable(from)?;
         let to_home = self.writable(to)?;
+        if from_home == to_home {
+            // Renaming onto itself changes nothing (and must not drop the file's job).
+            self.stat(from).await?;
+            return Ok(());
+        }
         self.check_name(&to_home)?;
         if to.is_inside(from) {
             return Err(SftpError::failure(format!(
@@ -500,6 +509,12 @@ impl UserView {
         if let Err(error) = self.hold_or_refuse(&to_home, to).await {
             self.release(&from_home).await;
             return Err(error);
+        }
+        // Checked again under the holds: an upload may have completed at the target meanwhile.
+        if !overwrite && self.stat(to).await.is_ok() {
+            self.release(&from_home).await;
+            self.release(&to_home).await;
+            return Err(SftpError::failure(format!("{to} already exists")));
         }
         let moved = self.move_entry(&entry, &from_home, &to_home, from).await;
         if moved.is_ok() {

@@ -32,10 +32,13 @@ pub const MAX_PACKET: u32 = 256 * 1024;
 pub const MAX_READ_WRITE: u32 = MAX_PACKET - 1024;
 /// Open files and folders per session.
 pub const MAX_HANDLES: usize = 256;
+/// Write data (KiB) one session may have queued; taken before the shared budget, so one client that
+/// stops reading its replies cannot drain the budget every session shares.
+const SESSION_WRITE_KIB: u32 = 64 * 1024;
+/// Uploads open at once per session (each buffers up to a few parts in memory).
+pub const MAX_UPLOADS: usize = 8;
 /// Open folder listings per session (each may hold up to 100,000 names).
 pub const MAX_FOLDER_HANDLES: usize = 8;
-/// Path requests (stat, list, rename, ...) running at once per session.
-const CONCURRENT_REQUESTS: usize = 32;
 /// Requests queued per open file before the loop stops reading.
 const FILE_QUEUE: usize = 32;
 /// Names per READDIR reply.
@@ -74,8 +77,11 @@ enum FileRequest {
         id: u32,
         offset: u64,
         data: Bytes,
-        /// Its share of the write budget, returned when the write is done.
-        _budget: tokio::sync::OwnedSemaphorePermit,
+        /// Its share of the session's and the shared write budgets, returned when the write is done.
+        _budget: (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
     },
     Read {
         id: u32,
@@ -87,9 +93,12 @@ enum FileRequest {
     },
     SetStat {
         id: u32,
+        size: Option<u64>,
     },
+    /// `done` fires once the reply is sent, so that later requests see the file closed.
     Close {
         id: u32,
+        done: tokio::sync::oneshot::Sender<()>,
     },
 }
 
@@ -98,7 +107,7 @@ struct Session {
     replies: mpsc::Sender<Packet>,
     handles: Arc<Mutex<HashMap<String, OpenHandle>>>,
     next_handle: Arc<AtomicU64>,
-    limiter: Arc<Semaphore>,
+    session_budget: Arc<Semaphore>,
     /// Every task holds a clone; when all are dropped the session's work is done.
     alive: mpsc::Sender<()>,
 }
@@ -120,7 +129,7 @@ where
         replies,
         handles: Arc::new(Mutex::new(HashMap::new())),
         next_handle: Arc::new(AtomicU64::new(1)),
-        limiter: Arc::new(Semaphore::new(CONCURRENT_REQUESTS)),
+        session_budget: Arc::new(Semaphore::new(SESSION_WRITE_KIB as usize)),
         alive,
     };
     loop {
@@ -256,15 +265,18 @@ impl Session {
             Packet::Write(write) => {
                 let kib = u32::try_from(write.data.len().div_ceil(1024))
                     .unwrap_or(u32::MAX)
-                    .max(1);
-                let Ok(budget) = self.ctx.write_budget.clone().acquire_many_owned(kib).await else {
+                    .clamp(1, SESSION_WRITE_KIB);
+                let Ok(own) = self.session_budget.clone().acquire_many_owned(kib).await else {
+                    return;
+                };
+                let Ok(shared) = self.ctx.write_budget.clone().acquire_many_owned(kib).await else {
                     return;
                 };
                 let request = FileRequest::Write {
                     id: write.id,
                     offset: write.offset,
                     data: Bytes::from(write.data),
-                    _budget: budget,
+                    _budget: (own, shared),
                 };
                 self.to_file(&write.handle, write.id, request).await;
             }
@@ -284,7 +296,10 @@ impl Session {
                 self.to_file(
                     &fsetstat.handle,
                     fsetstat.id,
-                    FileRequest::SetStat { id: fsetstat.id },
+                    FileRequest::SetStat {
+                        id: fsetstat.id,
+                        size: fsetstat.attrs.size,
+                    },
                 )
                 .await;
             }
@@ -356,7 +371,13 @@ impl Session {
             Packet::SetStat(setstat) => {
                 let id = setstat.id;
                 self.spawn(id, move |session| async move {
-                    session.stat(id, &setstat.path).await.map(|_| ok(id))
+                    let entry = session.stat(id, &setstat.path).await?;
+                    match (setstat.attrs.size, entry) {
+                        (Some(size), Packet::Attrs(attrs)) if attrs.attrs.size != Some(size) => {
+                            Err(size_change())
+                        }
+                        _ => Ok(ok(id)),
+                    }
                 })
                 .await;
             }
@@ -472,14 +493,13 @@ impl Session {
     }
 
     /// Runs a path request concurrently (bounded), replying with its result.
+    /// Runs a path request and replies. Path requests run one at a time, in the order received,
+    /// so that MKDIR before OPEN, or REMOVE before RENAME, behave as the client expects.
     async fn spawn<F, Fut>(&self, id: u32, request: F)
     where
         F: FnOnce(Arc<Worker>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Packet, SftpError>> + Send + 'static,
     {
-        let Ok(permit) = self.limiter.clone().acquire_owned().await else {
-            return;
-        };
         let worker = Arc::new(Worker {
             ctx: self.ctx.clone(),
             replies: self.replies.clone(),
@@ -487,12 +507,8 @@ impl Session {
             next_handle: self.next_handle.clone(),
             alive: self.alive.clone(),
         });
-        tokio::spawn(async move {
-            let replies = worker.replies.clone();
-            let reply = reply_for(id, request(worker).await);
-            let _ = replies.send(reply).await;
-            drop(permit);
-        });
+        let reply = reply_for(id, request(worker).await);
+        self.send(reply).await;
     }
 
     async fn to_file(&self, handle: &str, id: u32, request: FileRequest) {
@@ -527,14 +543,18 @@ impl Session {
             .and_then(|mut handles| handles.remove(handle));
         match removed {
             Some(OpenHandle::File(sender)) => {
-                if sender.send(FileRequest::Close { id }).await.is_err() {
+                let (done, closed) = tokio::sync::oneshot::channel();
+                if sender.send(FileRequest::Close { id, done }).await.is_err() {
                     self.send(status(
                         id,
                         StatusCode::Failure,
                         "the file is no longer open",
                     ))
                     .await;
+                    return;
                 }
+                // Wait until the upload is complete and recorded (or failed) before reading on.
+                let _ = closed.await;
             }
             Some(OpenHandle::Folder(_)) => self.send(ok(id)).await,
             None => self.send(invalid_handle(id)).await,
@@ -564,6 +584,14 @@ impl Session {
             None => invalid_handle(id),
         }
     }
+}
+
+/// Times and modes are accepted and ignored; a size change would silently change the delivered bytes.
+fn size_change() -> SftpError {
+    SftpError::new(
+        StatusCode::OpUnsupported,
+        "changing a file's size is not supported; upload the file again with the bytes it should have",
+    )
 }
 
 fn invalid_handle(id: u32) -> Packet {
@@ -674,6 +702,19 @@ impl Worker {
             return Err(Self::too_many_handles());
         }
         let path = parse_path(raw)?;
+        let uploads = self.handles.lock().map_or(usize::MAX, |handles| {
+            handles
+                .values()
+                .filter(|handle| matches!(handle, OpenHandle::File(_)))
+                .count()
+        });
+        if uploads >= MAX_UPLOADS
+            && flags.intersects(OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE)
+        {
+            return Err(SftpError::failure(format!(
+                "too many files open for upload in this session (at most {MAX_UPLOADS}); close some first"
+            )));
+        }
         let opened = self.ctx.view.open(&path, flags).await?;
         let (sender, queue) = mpsc::channel(FILE_QUEUE);
         let handle = self.register(OpenHandle::File(sender))?;
@@ -760,14 +801,20 @@ async fn run_upload(
                     true,
                 ),
             }),
-            FileRequest::SetStat { id } => ok(id),
-            FileRequest::Close { id } => {
+            FileRequest::SetStat { id, size } => match size {
+                Some(size) if Some(size) != upload.as_ref().map(Upload::len) => {
+                    error_reply(id, size_change())
+                }
+                _ => ok(id),
+            },
+            FileRequest::Close { id, done } => {
                 let reply = match (upload.take(), failure.take()) {
                     (Some(current), None) => finish_upload(ctx, path, current, received, id).await,
                     (_, Some(reason)) => status(id, StatusCode::Failure, reason),
                     (None, None) => status(id, StatusCode::Failure, "the upload is closed"),
                 };
                 let _ = replies.send(reply).await;
+                let _ = done.send(());
                 return;
             }
         };
@@ -953,13 +1000,14 @@ async fn run_download(
                     false,
                 ),
             }),
-            FileRequest::SetStat { id } => ok(id),
-            FileRequest::Close { id } => {
+            FileRequest::SetStat { id, .. } => ok(id),
+            FileRequest::Close { id, done } => {
                 ctx.audit(Event::Download {
                     path: path.to_string(),
                     bytes: sent,
                 });
                 let _ = replies.send(ok(id)).await;
+                let _ = done.send(());
                 return;
             }
         };
