@@ -32,6 +32,16 @@ pub struct Subject {
     pub user: Option<String>,
 }
 
+impl Subject {
+    /// An event about a user's files, outside any connection (the pipeline, the notifier).
+    pub fn of_user(username: &str) -> Subject {
+        Subject {
+            user: Some(username.to_string()),
+            ..Subject::default()
+        }
+    }
+}
+
 /// What happened.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

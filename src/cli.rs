@@ -135,42 +135,8 @@ pub enum TransfersCommand {
 pub enum UserCommand {
     /// Write users/<username>.toml from an onboarding request, after every check, and print what to do next.
     Add {
-        #[arg(long)]
-        username: String,
-        /// The supplier's named contact.
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        email: String,
-        /// A .pub file or the key text (OpenSSH or RFC 4716); repeat for several keys.
-        #[arg(long = "ssh-key", required = true, allow_hyphen_values = true)]
-        ssh_keys: Vec<String>,
-        /// An address or CIDR the supplier connects from; repeat for several.
-        #[arg(long = "ip", required = true)]
-        ips: Vec<String>,
-        /// s3://bucket[/prefix] or a local folder.
-        #[arg(long)]
-        destination: String,
-        /// KMS key ARN of the destination bucket.
-        #[arg(long)]
-        kms_key: Option<String>,
-        /// s3://bucket[/prefix] of a read-only /download area.
-        #[arg(long)]
-        egress_location: Option<String>,
-        #[arg(long)]
-        egress_kms_key: Option<String>,
-        /// An address told about this user's files; repeat for several.
-        #[arg(long = "notify-email")]
-        notify_emails: Vec<String>,
-        /// NAME of the environment variable holding the Slack webhook URL (never the URL itself).
-        #[arg(long)]
-        notify_slack_webhook_env: Option<String>,
-        /// Accept 0.0.0.0/0 or ::/0 as an allowed network.
-        #[arg(long)]
-        allow_any_ip: bool,
-        /// Replace an existing user file.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        request: NewUser,
         /// Which service account the printed policy statements name.
         #[arg(long = "env", value_enum, default_value = "production")]
         environment: Environment,
@@ -244,6 +210,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Notify { config, command } => notify(&config, command).await,
         Command::Audit { config, command } => audit(&config, command),
     }
+}
+
+/// The configuration file alone (see `Config::read`).
+fn read_config(config: &Path) -> anyhow::Result<Config> {
+    Config::read(config).map_err(|problems| anyhow!("{problems}"))
 }
 
 fn load(config: &Path) -> anyhow::Result<(Config, Users)> {
@@ -479,9 +450,7 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
 }
 
 async fn transfers(config_path: &Path, command: TransfersCommand) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config = Config::parse(config_path, &text).map_err(|problems| anyhow!("{problems}"))?;
+    let config = read_config(config_path)?;
     let state = State::open(&config.state.database).await?;
     match command {
         TransfersCommand::List {
@@ -666,9 +635,7 @@ fn reload(config_path: &Path) -> anyhow::Result<()> {
 fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
     if let UserCommand::Remove { username } = &command {
         // Works even when some user file is broken, so a bad file can always be removed.
-        let text = std::fs::read_to_string(config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?;
-        let config = Config::parse(config_path, &text).map_err(|problems| anyhow!("{problems}"))?;
+        let config = read_config(config_path)?;
         config::check_username(username).map_err(|message| anyhow!(message))?;
         let file = config.users_dir.join(format!("{username}.toml"));
         if !file.exists() {
@@ -695,36 +662,9 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
     let (config, users) = load(config_path)?;
     match command {
         UserCommand::Add {
-            username,
-            name,
-            email,
-            ssh_keys,
-            ips,
-            destination,
-            kms_key,
-            egress_location,
-            egress_kms_key,
-            notify_emails,
-            notify_slack_webhook_env,
-            allow_any_ip,
-            force,
+            request,
             environment,
         } => {
-            let request = NewUser {
-                username,
-                name,
-                email,
-                ssh_keys,
-                ips,
-                destination,
-                kms_key,
-                egress_location,
-                egress_kms_key,
-                notify_emails,
-                notify_slack_webhook_env,
-                allow_any_ip,
-                force,
-            };
             let added = onboarding::add_user(&config, &users, &request)
                 .map_err(|error| anyhow!("{error}"))?;
             for warning in &added.warnings {
@@ -786,12 +726,11 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
                 println!("egress: {}", egress.location);
             }
             for target in &user.notify {
-                let channel = match &target.channel {
-                    config::Channel::Email { to } => format!("email {to}"),
-                    config::Channel::Slack { webhook } => format!("slack ({})", webhook.describe()),
-                    config::Channel::Webhook { url, .. } => format!("webhook {url}"),
-                };
-                println!("alerts: {channel} [{}]", target.events.join(", "));
+                println!(
+                    "alerts: {} [{}]",
+                    target.channel.describe(),
+                    target.events.join(", ")
+                );
             }
             println!(
                 "connect: {}",
@@ -854,13 +793,7 @@ fn next_steps(
 
 fn policy(config_path: Option<&Path>, command: PolicyCommand) -> anyhow::Result<()> {
     let onboarding = match config_path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Config::parse(path, &text)
-                .map_err(|problems| anyhow!("{problems}"))?
-                .onboarding
-        }
+        Some(path) => read_config(path)?.onboarding,
         None => crate::config::Onboarding::default(),
     };
     let (statement, document) = match command {
@@ -923,9 +856,7 @@ async fn notify(config_path: &Path, command: NotifyCommand) -> anyhow::Result<()
 }
 
 fn audit(config_path: &Path, command: AuditCommand) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config = Config::parse(config_path, &text).map_err(|problems| anyhow!("{problems}"))?;
+    let config = read_config(config_path)?;
     let path = &config.server.audit_log;
     match command {
         AuditCommand::Verify => match crate::audit::verify(path)

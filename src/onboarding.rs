@@ -72,26 +72,44 @@ pub fn policy_document(statements: Vec<Value>) -> Value {
     json!({ "Version": "2012-10-17", "Statement": statements })
 }
 
-/// A request to onboard a supplier, as given on the command line.
-#[derive(Debug, Clone, Default)]
+/// A request to onboard a supplier, as given on the command line (`ingestion user add`).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct NewUser {
+    #[arg(long)]
     pub username: String,
+    /// The supplier's named contact.
+    #[arg(long)]
     pub name: String,
+    #[arg(long)]
     pub email: String,
-    /// Each a `.pub` file path or the key text (OpenSSH line or RFC 4716 block).
+    /// A .pub file or the key text (OpenSSH or RFC 4716); repeat for several keys.
+    #[arg(long = "ssh-key", required = true, allow_hyphen_values = true)]
     pub ssh_keys: Vec<String>,
+    /// An address or CIDR the supplier connects from; repeat for several.
+    #[arg(long = "ip", required = true)]
     pub ips: Vec<String>,
+    /// s3://bucket[/prefix] or a local folder.
+    #[arg(long)]
     pub destination: String,
+    /// KMS key ARN of the destination bucket.
+    #[arg(long)]
     pub kms_key: Option<String>,
+    /// s3://bucket[/prefix] of a read-only /download area.
+    #[arg(long)]
     pub egress_location: Option<String>,
+    #[arg(long)]
     pub egress_kms_key: Option<String>,
-    /// Addresses told about this user's files.
+    /// An address told about this user's files; repeat for several.
+    #[arg(long = "notify-email")]
     pub notify_emails: Vec<String>,
-    /// NAME of the environment variable holding the Slack webhook URL (never the URL).
+    /// NAME of the environment variable holding the Slack webhook URL (never the URL itself).
+    #[arg(long)]
     pub notify_slack_webhook_env: Option<String>,
-    /// Accept 0.0.0.0/0 or ::/0.
+    /// Accept 0.0.0.0/0 or ::/0 as an allowed network.
+    #[arg(long)]
     pub allow_any_ip: bool,
     /// Replace an existing user file.
+    #[arg(long)]
     pub force: bool,
 }
 

@@ -387,15 +387,7 @@ impl Config {
 
     /// Reads and validates the configuration file and every user file, reporting all problems at once.
     pub fn load(file: &Path) -> Result<(Config, Users), Problems> {
-        let text = std::fs::read_to_string(file).map_err(|error| {
-            let mut problems = Problems::default();
-            problems.file(
-                file,
-                format!("cannot read the configuration file: {error}; pass its path with --config"),
-            );
-            problems
-        })?;
-        let config = Config::parse(file, &text)?;
+        let config = Config::read(file)?;
         let users = Users::load_dir(&config.users_dir, &config.base_dir())?;
         config.check_users_against_buckets(&users)?;
         Ok((config, users))
@@ -468,6 +460,20 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// Reads and validates the configuration file alone, without the users (for commands that must
+    /// work even when a user file is broken, or need no users).
+    pub fn read(file: &Path) -> Result<Config, Problems> {
+        let text = std::fs::read_to_string(file).map_err(|error| {
+            let mut problems = Problems::default();
+            problems.file(
+                file,
+                format!("cannot read the configuration file: {error}; pass its path with --config"),
+            );
+            problems
+        })?;
+        Config::parse(file, &text)
     }
 
     /// Validates the text of a configuration file (no I/O).

@@ -46,6 +46,20 @@ pub enum Channel {
     Webhook { url: String, secret: Option<Secret> },
 }
 
+impl Channel {
+    /// How a target is named to people: the address, or where its secret lives, never a secret (a
+    /// webhook URL is shown without its query, which may carry a token).
+    pub fn describe(&self) -> String {
+        match self {
+            Channel::Email { to } => format!("email {to}"),
+            Channel::Slack { webhook } => format!("slack ({})", webhook.describe()),
+            Channel::Webhook { url, .. } => {
+                format!("webhook {}", url.split('?').next().unwrap_or(url))
+            }
+        }
+    }
+}
+
 /// Where a secret is read from, at the moment it is needed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -37,6 +37,34 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// The facts of a file happening now, with a new event id; the outcome fields start empty.
+    pub fn new(
+        event: &str,
+        username: &str,
+        path: String,
+        bytes: u64,
+        sha256: &str,
+        job: Option<i64>,
+    ) -> Facts {
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        Facts {
+            event_id: super::event_id(),
+            event: event.into(),
+            username: username.into(),
+            path,
+            bytes,
+            sha256: sha256.into(),
+            job,
+            destination: None,
+            reason: None,
+            signature: None,
+            scan_engine: None,
+            received_at: now.clone(),
+            at: now,
+            last_error: None,
+        }
+    }
+
     fn file_name(&self) -> &str {
         self.path.rsplit('/').next().unwrap_or(&self.path)
     }

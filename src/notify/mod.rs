@@ -61,14 +61,6 @@ fn channel_name(channel: &Channel) -> &'static str {
 pub fn job_facts(job: &Job, event: &str) -> Facts {
     let verdict = job.verdict.as_ref();
     Facts {
-        event_id: event_id(),
-        event: event.into(),
-        username: job.username.clone(),
-        path: format!("/{}", job.path),
-        bytes: job.size,
-        sha256: job.sha256.clone(),
-        job: Some(job.id),
-        destination: None,
         reason: verdict
             .filter(|verdict| verdict.detail().is_some())
             .map(|verdict| verdict.state().to_string()),
@@ -77,8 +69,15 @@ pub fn job_facts(job: &Job, event: &str) -> Facts {
             .map(str::to_string),
         scan_engine: job.engine.clone(),
         received_at: job.received_at.clone(),
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         last_error: job.last_error.clone(),
+        ..Facts::new(
+            event,
+            &job.username,
+            format!("/{}", job.path),
+            job.size,
+            &job.sha256,
+            Some(job.id),
+        )
     }
 }
 
@@ -206,10 +205,7 @@ impl Notifier {
                 Ok(jobs) => {
                     for job in jobs {
                         self.audit.record(
-                            &Subject {
-                                user: Some(job.username.clone()),
-                                ..Subject::default()
-                            },
+                            &Subject::of_user(&job.username),
                             Event::JobStuck {
                                 job: job.id,
                                 path: format!("/{}", job.path),
@@ -230,34 +226,13 @@ impl Notifier {
 /// Sends a test alert to each of `user`'s targets now (not through the outbox) and returns each
 /// target with its result.
 pub async fn test_targets(sender: &Sender, user: &User) -> Vec<(String, Result<(), SendError>)> {
-    {
-        let facts = Facts {
-            event_id: event_id(),
-            event: "test".into(),
-            username: user.username.clone(),
-            path: "/".into(),
-            bytes: 0,
-            sha256: String::new(),
-            job: None,
-            destination: None,
-            reason: None,
-            signature: None,
-            scan_engine: None,
-            received_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            last_error: None,
-        };
-        let mut results = Vec::new();
-        for target in &user.notify {
-            let name = match &target.channel {
-                Channel::Email { to } => format!("email {to}"),
-                Channel::Slack { webhook } => format!("slack ({})", webhook.describe()),
-                Channel::Webhook { url, .. } => {
-                    format!("webhook {}", url.split('?').next().unwrap_or(url))
-                }
-            };
-            results.push((name, sender.send(&target.channel, &facts).await));
-        }
-        results
+    let facts = Facts::new("test", &user.username, "/".into(), 0, "", None);
+    let mut results = Vec::new();
+    for target in &user.notify {
+        results.push((
+            target.channel.describe(),
+            sender.send(&target.channel, &facts).await,
+        ));
     }
+    results
 }

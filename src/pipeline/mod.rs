@@ -171,10 +171,7 @@ impl Pipeline {
             {
                 adopted += 1;
                 self.audit.record(
-                    &Subject {
-                        user: Some(username.clone()),
-                        ..Subject::default()
-                    },
+                    &Subject::of_user(username),
                     Event::Adopted {
                         job,
                         path: format!("/{path}"),
@@ -267,10 +264,7 @@ impl Pipeline {
             Ok(()) | Err(StepError::LeaseLost) => return,
             Err(error) => error.to_string(),
         };
-        let subject = Subject {
-            user: Some(job.username.clone()),
-            ..Subject::default()
-        };
+        let subject = Subject::of_user(&job.username);
         let backoff = self.settings.backoff(job.attempts);
         match self
             .state

@@ -35,13 +35,6 @@ fn verdict_name(verdict: &Verdict) -> &'static str {
 }
 
 impl Pipeline {
-    fn subject(job: &Job) -> Subject {
-        Subject {
-            user: Some(job.username.clone()),
-            ..Subject::default()
-        }
-    }
-
     fn landing_key(&self, job: &Job) -> ObjectPath {
         let parts: Vec<&str> = std::iter::once(job.username.as_str())
             .chain(job.path.split('/'))
@@ -104,7 +97,7 @@ impl Pipeline {
             return Err(StepError::LeaseLost);
         }
         self.audit.record(
-            &Self::subject(job),
+            &Subject::of_user(&job.username),
             Event::Scanned {
                 job: job.id,
                 path: format!("/{}", job.path),
@@ -248,7 +241,7 @@ impl Pipeline {
                 signature: other.as_ref().and_then(Verdict::detail).map(str::to_string),
             },
         };
-        self.audit.record(&Self::subject(job), event);
+        self.audit.record(&Subject::of_user(&job.username), event);
         Ok(())
     }
 

@@ -164,39 +164,50 @@ impl UserView {
     }
 
     /// Holds the jobs of a home path so that the pipeline leaves them alone (see `State::hold_path`).
-    pub async fn hold(&self, relative: &str) -> Result<Result<(), PathBusy>, StateError> {
+    async fn hold(&self, relative: &str) -> Result<Result<(), PathBusy>, StateError> {
         self.state
             .hold_path(&self.user.username, relative, &self.holder, HOLD)
             .await
     }
 
-    /// Holds a path for a change, waiting a little while a scan attempt has it (a retry against an
-    /// unreachable scanner takes it only briefly); refuses if it stays busy.
+    /// Holds a home path's jobs, waiting up to `wait` while the pipeline has them (a retry against an
+    /// unreachable scanner takes a path only briefly). The one place that waits for a hold.
+    pub async fn hold_waiting(
+        &self,
+        relative: &str,
+        wait: std::time::Duration,
+    ) -> Result<Result<(), PathBusy>, StateError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.hold(relative).await? {
+                Err(PathBusy) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                outcome => return Ok(outcome),
+            }
+        }
+    }
+
+    /// Holds a path for a change, refusing it if it stays busy.
     async fn hold_or_refuse(
         &self,
         home: &VirtualPath,
         shown: &VirtualPath,
     ) -> Result<(), SftpError> {
-        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
-        loop {
-            match self.hold(&home.relative()).await? {
-                Ok(()) => return Ok(()),
-                Err(PathBusy) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(PathBusy) => {
-                    return Err(SftpError::failure(format!(
-                        "{shown} is being scanned and delivered and can no longer be changed"
-                    )));
-                }
-            }
-        }
+        self.hold_waiting(&home.relative(), BUSY_WAIT)
+            .await?
+            .map_err(|PathBusy| {
+                SftpError::failure(format!(
+                    "{shown} is being scanned and delivered and can no longer be changed"
+                ))
+            })
     }
 
-    async fn release(&self, home: &VirtualPath) {
+    /// Releases this session's holds on a home path (and below it).
+    pub async fn release(&self, relative: &str) {
         if let Err(error) = self
             .state
-            .release_path(&self.user.username, &home.relative(), &self.holder)
+            .release_path(&self.user.username, relative, &self.holder)
             .await
         {
             tracing::warn!(%error, "cannot release a hold on a path; it expires by itself");
@@ -466,7 +477,7 @@ impl UserView {
             Entry::File { .. } => {
                 self.hold_or_refuse(&home, path).await?;
                 if let Err(error) = self.landing.store().delete(&self.home_key(&home)).await {
-                    self.release(&home).await;
+                    self.release(&home.relative()).await;
                     return Err(error.into());
                 }
                 self.state
@@ -507,13 +518,13 @@ impl UserView {
         }
         self.hold_or_refuse(&from_home, from).await?;
         if let Err(error) = self.hold_or_refuse(&to_home, to).await {
-            self.release(&from_home).await;
+            self.release(&from_home.relative()).await;
             return Err(error);
         }
         // Checked again under the holds: an upload may have completed at the target meanwhile.
         if !overwrite && self.stat(to).await.is_ok() {
-            self.release(&from_home).await;
-            self.release(&to_home).await;
+            self.release(&from_home.relative()).await;
+            self.release(&to_home.relative()).await;
             return Err(SftpError::failure(format!("{to} already exists")));
         }
         let moved = self.move_entry(&entry, &from_home, &to_home, from).await;
@@ -533,8 +544,8 @@ impl UserView {
                 )
                 .await?;
         }
-        self.release(&from_home).await;
-        self.release(&to_home).await;
+        self.release(&from_home.relative()).await;
+        self.release(&to_home.relative()).await;
         moved
     }
 

@@ -836,24 +836,16 @@ const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Holds the path so that the pipeline does not process an older upload of it while this one
 /// replaces it; waits (bounded) while it is being processed.
 async fn hold_for_replacement(ctx: &SessionContext, relative: &str) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + BUSY_WAIT;
-    loop {
-        match ctx.view.hold(relative).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(_busy)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Ok(Err(_busy)) => {
-                return Err(
-                    "an earlier upload of this file is still being scanned and delivered; \
-                            upload it again in a moment"
-                        .into(),
-                );
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot hold a path before completing an upload");
-                return Err("the server could not record this upload; upload it again".into());
-            }
+    match ctx.view.hold_waiting(relative, BUSY_WAIT).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_busy)) => Err(
+            "an earlier upload of this file is still being scanned and delivered; \
+                               upload it again in a moment"
+                .into(),
+        ),
+        Err(error) => {
+            tracing::error!(%error, "cannot hold a path before completing an upload");
+            Err("the server could not record this upload; upload it again".into())
         }
     }
 }
@@ -880,7 +872,7 @@ async fn finish_upload(
         Ok(uploaded) => uploaded,
         Err(error) => {
             let reason = error.to_string();
-            release_hold(ctx, &relative).await;
+            ctx.view.release(&relative).await;
             ctx.audit(Event::UploadAborted {
                 path: path.to_string(),
                 bytes_received: received,
@@ -901,23 +893,14 @@ async fn finish_upload(
     let recorded = ctx
         .state
         .record_upload_with_alerts(&job, ctx.view.holder(), |id| {
-            let facts = crate::notify::Facts {
-                event_id: crate::notify::event_id(),
-                event: "received".into(),
-                username: job.username.to_string(),
-                path: format!("/{relative}"),
-                bytes: job.size,
-                sha256: job.sha256.to_string(),
-                job: Some(id),
-                destination: None,
-                reason: None,
-                signature: None,
-                scan_engine: None,
-                received_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                    .to_string(),
-                at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                last_error: None,
-            };
+            let facts = crate::notify::Facts::new(
+                "received",
+                job.username,
+                format!("/{relative}"),
+                job.size,
+                job.sha256,
+                Some(id),
+            );
             if job.held {
                 // A temporary name: the file is not complete in the supplier's eyes yet.
                 return Vec::new();
@@ -925,7 +908,7 @@ async fn finish_upload(
             crate::notify::alerts_for(Some(ctx.view.user()), &ctx.operators, &facts)
         })
         .await;
-    release_hold(ctx, &relative).await;
+    ctx.view.release(&relative).await;
     match recorded {
         Ok(job) => {
             ctx.landed.notify_one();
@@ -945,16 +928,6 @@ async fn finish_upload(
                 "the file was stored but could not be recorded; upload it again",
             )
         }
-    }
-}
-
-async fn release_hold(ctx: &SessionContext, relative: &str) {
-    if let Err(error) = ctx
-        .state
-        .release_path(ctx.view.username(), relative, ctx.view.holder())
-        .await
-    {
-        tracing::warn!(%error, "cannot release a hold on a path; it expires by itself");
     }
 }
 

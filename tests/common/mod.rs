@@ -648,11 +648,7 @@ impl Moto {
             .spawn()
             .unwrap();
         let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_port(port, "moto_server");
         let script = format!(
             "{BOTO_PRELUDE}for b in sys.argv[1:]:\n    s3.create_bucket(Bucket=b, CreateBucketConfiguration={{'LocationConstraint': 'eu-west-2'}})\n"
         );
