@@ -93,6 +93,29 @@ pub enum Event {
         bytes_received: u64,
         reason: String,
     },
+    /// The connection ended before CLOSE: the bytes stored are kept for a resume.
+    UploadInterrupted {
+        path: String,
+        bytes_received: u64,
+        bytes_stored: u64,
+    },
+    /// An interrupted upload was opened again to carry on from `from`.
+    UploadResumed {
+        path: String,
+        from: u64,
+    },
+    /// An interrupted upload was thrown away by its owner (upload again with truncation, or rm).
+    PartialDiscarded {
+        path: String,
+        bytes_stored: u64,
+        reason: String,
+    },
+    /// An interrupted upload nobody resumed within `server.partial_retention` was removed.
+    PartialExpired {
+        path: String,
+        bytes_stored: u64,
+        retention: String,
+    },
     Download {
         path: String,
         bytes: u64,

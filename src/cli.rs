@@ -115,10 +115,11 @@ pub enum TransfersCommand {
         /// Only this user's transfers.
         #[arg(long)]
         user: Option<String>,
-        /// Only transfers in this state (landed, clean, infected, unscannable, delivered, quarantined,
-        /// failed, superseded, removed).
+        /// Only transfers in this state (held, landed, clean, infected, unscannable, delivered,
+        /// quarantined, failed, superseded, removed), or `partial` for interrupted uploads waiting
+        /// for a resume.
         #[arg(long, value_parser = parse_state)]
-        state: Option<JobState>,
+        state: Option<Listed>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -191,11 +192,52 @@ pub enum PolicyCommand {
     },
 }
 
-fn parse_state(text: &str) -> Result<JobState, String> {
-    JobState::parse(text).ok_or_else(|| {
+/// What `transfers list --state` selects: jobs in one state, or interrupted uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    Job(JobState),
+    Partial,
+}
+
+fn parse_state(text: &str) -> Result<Listed, String> {
+    if text == "partial" {
+        return Ok(Listed::Partial);
+    }
+    JobState::parse(text).map(Listed::Job).ok_or_else(|| {
         let names: Vec<&str> = JobState::ALL.iter().map(|state| state.as_str()).collect();
-        format!("`{text}` is not a state; use one of {}", names.join(", "))
+        format!(
+            "`{text}` is not a state; use one of {}, or partial",
+            names.join(", ")
+        )
     })
+}
+
+/// Lists interrupted uploads: owner, bytes stored, time since the last write.
+async fn list_partials(state: &State, user: Option<&str>, limit: u32) -> anyhow::Result<()> {
+    let partials = state.partials(user).await?;
+    println!(
+        "{:>6}  {:<16}  {:>12}  {:>10}  {:<24}  PATH",
+        "ID", "USER", "BYTES", "IDLE", "STARTED"
+    );
+    let now = crate::state::now_ms();
+    for partial in partials.iter().take(limit as usize) {
+        let idle = std::time::Duration::from_secs(
+            u64::try_from(now.saturating_sub(partial.updated_ms) / 1000).unwrap_or(0),
+        );
+        println!(
+            "{:>6}  {:<16}  {:>12}  {:>10}  {:<24}  /{}",
+            partial.id,
+            partial.username,
+            partial.size,
+            humantime::format_duration(idle).to_string(),
+            partial.started_at,
+            partial.path
+        );
+    }
+    if partials.is_empty() {
+        println!("(no interrupted uploads)");
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -298,6 +340,12 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         audit.clone(),
     ));
     tokio::spawn(notifier.run());
+    tokio::spawn(crate::sftp::partial::expire_partials(
+        state.clone(),
+        landing.clone(),
+        config.server.partial_retention,
+        audit.clone(),
+    ));
     let door = Arc::new(FrontDoor::new(
         crate::sftp::guard::Guard::new(config.limits.clone()),
         users,
@@ -455,12 +503,20 @@ async fn transfers(config_path: &Path, command: TransfersCommand) -> anyhow::Res
     match command {
         TransfersCommand::List {
             user,
+            state: Some(Listed::Partial),
+            limit,
+        } => list_partials(&state, user.as_deref(), limit).await?,
+        TransfersCommand::List {
+            user,
             state: wanted,
             limit,
         } => {
             let filter = JobFilter {
                 username: user,
-                state: wanted,
+                state: wanted.and_then(|wanted| match wanted {
+                    Listed::Job(state) => Some(state),
+                    Listed::Partial => None,
+                }),
                 limit: Some(limit),
             };
             let jobs = state.jobs(&filter).await?;

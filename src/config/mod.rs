@@ -29,7 +29,7 @@ pub use user::{
 ///
 /// # Defaults
 /// `server.listen` 0.0.0.0:2222, `server.host_key_dir` state/host_keys, `server.max_file_size` 5 GiB,
-/// `server.audit_log` state/audit.jsonl, `state.database` sqlite://state/ingestion.db, `users.dir` users.
+/// `server.audit_log` state/audit.jsonl, `server.partial_retention` 24h, `state.database` sqlite://state/ingestion.db, `users.dir` users.
 /// Relative paths are relative to the folder holding the configuration file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -123,6 +123,9 @@ pub enum Scanner {
     Builtin { blocklist: Vec<String> },
 }
 
+/// How long interrupted uploads are kept by default: a day to reconnect.
+const DEFAULT_PARTIAL_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
@@ -138,6 +141,8 @@ pub struct Server {
     /// Names clients upload to before renaming (WinSCP's `*.filepart`, …).
     pub temporary_names: TemporaryNames,
     pub algorithms: Algorithms,
+    /// How long an interrupted upload is kept for its owner to resume it.
+    pub partial_retention: Duration,
 }
 
 /// Which SSH algorithms are offered.
@@ -351,6 +356,8 @@ struct RawServer {
     temporary_name_timeout: Option<Spanned<String>>,
     /// "compatible" (default) or "post-quantum-only".
     algorithms: Option<Spanned<String>>,
+    /// How long an interrupted upload is kept for a resume after its last write, e.g. "24h".
+    partial_retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -555,6 +562,21 @@ impl Config {
             },
         };
         let temporary_names = parse_temporary_names(&raw.server, &mut report);
+        let partial_retention = duration_field(
+            &mut report,
+            "server.partial_retention",
+            &raw.server.partial_retention,
+            DEFAULT_PARTIAL_RETENTION,
+        );
+        if let Some(value) = &raw.server.partial_retention
+            && partial_retention < Duration::from_secs(1)
+        {
+            report.at(
+                Some(value.span()),
+                "server.partial_retention",
+                "keep interrupted uploads for at least 1s, e.g. \"24h\"",
+            );
+        }
         let algorithms = match raw.server.algorithms.as_ref() {
             None => Algorithms::Compatible,
             Some(value) => {
@@ -616,6 +638,7 @@ impl Config {
                         pid_file: relative(&raw.server.pid_file, "state/ingestion.pid"),
                         temporary_names,
                         algorithms,
+                        partial_retention,
                     },
                     buckets: Buckets {
                         landing,

@@ -13,10 +13,11 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt};
 use russh_sftp::protocol::{File, FileAttributes, OpenFlags, StatusCode};
 
+use super::partial::{LandingUpload, Target, discard_partial};
 use super::paths::{PathError, VirtualPath};
 use crate::config::User;
-use crate::state::{PathBusy, State, StateError};
-use crate::storage::{Bucket, Download, Upload};
+use crate::state::{Partial, PathBusy, State, StateError};
+use crate::storage::{Bucket, Download};
 
 /// Most entries one directory listing may return.
 pub const MAX_LISTING: usize = 100_000;
@@ -100,7 +101,11 @@ pub enum Entry {
 
 /// An opened file.
 pub enum Opened {
-    Upload(Box<Upload>),
+    Upload {
+        upload: Box<LandingUpload>,
+        /// Bytes of an interrupted upload of the path thrown away by this one (opened with TRUNC).
+        replaced_partial: Option<u64>,
+    },
     Download(Download),
 }
 
@@ -308,6 +313,9 @@ impl UserView {
             {
                 return Ok(Entry::Folder);
             }
+            if let Some(partial) = self.partial(home).await? {
+                return Ok(partial_entry(&partial));
+            }
         }
         match bucket.store().head(&key).await {
             Ok(meta) => return Ok(file_entry(&meta)),
@@ -324,6 +332,13 @@ impl UserView {
         } else {
             Ok(Entry::Folder)
         }
+    }
+
+    /// The interrupted upload of a home path, if there is one.
+    async fn partial(&self, home: &VirtualPath) -> Result<Option<Partial>, StateError> {
+        self.state
+            .partial(&self.user.username, &home.relative())
+            .await
     }
 
     async fn require_folder(&self, path: &VirtualPath) -> Result<(), SftpError> {
@@ -361,6 +376,16 @@ impl UserView {
                 {
                     names.insert(name.clone());
                     files.push(File::new(name, folder_attrs(true)));
+                }
+                // Interrupted uploads show with the size to resume from, in place of older files.
+                for (name, partial) in self
+                    .state
+                    .partials_in(&self.user.username, &home.relative())
+                    .await?
+                {
+                    if names.insert(name.clone()) {
+                        files.push(File::new(name, file_attrs(&partial_entry(&partial), true)));
+                    }
                 }
                 self.list_in(
                     &self.landing,
@@ -470,8 +495,13 @@ impl UserView {
         Ok(())
     }
 
-    pub async fn remove(&self, path: &VirtualPath) -> Result<(), SftpError> {
+    /// Removes a file. Removing an interrupted upload discards it: returns the bytes it held.
+    pub async fn remove(&self, path: &VirtualPath) -> Result<Option<u64>, SftpError> {
         let home = self.writable(path)?;
+        if let Some(partial) = self.partial(&home).await? {
+            discard_partial(&self.state, &self.landing, &partial, None).await?;
+            return Ok(Some(partial.size));
+        }
         match self.stat(path).await? {
             Entry::Folder => Err(SftpError::failure(format!("{path} is a folder; use rmdir"))),
             Entry::File { .. } => {
@@ -483,7 +513,7 @@ impl UserView {
                 self.state
                     .remove_landed(&self.user.username, &home.relative(), &self.holder)
                     .await?;
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -503,6 +533,13 @@ impl UserView {
             return Ok(());
         }
         self.check_name(&to_home)?;
+        for (home, shown) in [(&from_home, from), (&to_home, to)] {
+            if self.partial(home).await?.is_some() {
+                return Err(SftpError::failure(format!(
+                    "{shown} is an interrupted upload; finish it (reput) or remove it first"
+                )));
+            }
+        }
         if to.is_inside(from) {
             return Err(SftpError::failure(format!(
                 "cannot move {from} inside itself"
@@ -625,36 +662,66 @@ impl UserView {
             Area::Home(_) | Area::Root if !writing => Err(SftpError::denied(format!(
                 "{path}: open the file for writing to upload it"
             ))),
-            Area::Home(_) | Area::Root => {
-                let home = self.writable(path)?;
-                self.check_name(&home)?;
-                self.require_folder(&path.parent()).await?;
-                match self.stat(path).await {
-                    Ok(Entry::Folder) => {
-                        return Err(SftpError::failure(format!("{path} is a folder")));
-                    }
-                    Ok(Entry::File { .. }) if flags.contains(OpenFlags::EXCLUDE) => {
-                        return Err(SftpError::failure(format!("{path} already exists")));
-                    }
-                    Ok(Entry::File { .. }) if !flags.contains(OpenFlags::TRUNCATE) => {
-                        return Err(SftpError::new(
-                            StatusCode::OpUnsupported,
-                            format!(
-                                "{path} already exists and resuming uploads is not supported; \
-                                 upload the whole file again (put, not reput)"
-                            ),
-                        ));
-                    }
-                    Ok(Entry::File { .. }) => {}
-                    Err(error) if error.code == StatusCode::NoSuchFile => {}
-                    Err(error) => return Err(error),
-                }
-                Ok(Opened::Upload(Box::new(
-                    self.landing
-                        .upload(self.home_key(&home), self.max_file_size),
-                )))
-            }
+            Area::Home(_) | Area::Root => self.open_upload(path, flags).await,
         }
+    }
+
+    /// Opens a home path for upload: a new upload, or the resume of an interrupted one when it is
+    /// opened without truncation.
+    async fn open_upload(&self, path: &VirtualPath, flags: OpenFlags) -> Result<Opened, SftpError> {
+        let home = self.writable(path)?;
+        self.check_name(&home)?;
+        self.require_folder(&path.parent()).await?;
+        let truncate = flags.contains(OpenFlags::TRUNCATE);
+        let target = Target {
+            state: &self.state,
+            landing: &self.landing,
+            username: &self.user.username,
+            home: &home,
+            key: self.home_key(&home),
+            max_size: self.max_file_size,
+        };
+        if let Some(partial) = self.partial(&home).await? {
+            if flags.contains(OpenFlags::EXCLUDE) {
+                return Err(SftpError::failure(format!("{path} already exists")));
+            }
+            if !truncate {
+                let upload = LandingUpload::resume(target, &partial)
+                    .await
+                    .map_err(SftpError::failure)?;
+                return Ok(Opened::Upload {
+                    upload: Box::new(upload),
+                    replaced_partial: None,
+                });
+            }
+            discard_partial(&self.state, &self.landing, &partial, None).await?;
+            return Ok(Opened::Upload {
+                upload: Box::new(LandingUpload::start(target)),
+                replaced_partial: Some(partial.size),
+            });
+        }
+        match self.stat(path).await {
+            Ok(Entry::Folder) => return Err(SftpError::failure(format!("{path} is a folder"))),
+            Ok(Entry::File { .. }) if flags.contains(OpenFlags::EXCLUDE) => {
+                return Err(SftpError::failure(format!("{path} already exists")));
+            }
+            Ok(Entry::File { .. }) if !truncate => {
+                return Err(SftpError::new(
+                    StatusCode::OpUnsupported,
+                    format!(
+                        "{path} was uploaded completely and cannot be appended to; upload the whole \
+                         file again (put, not reput)"
+                    ),
+                ));
+            }
+            Ok(Entry::File { .. }) => {}
+            Err(error) if error.code == StatusCode::NoSuchFile => {}
+            Err(error) => return Err(error),
+        }
+        Ok(Opened::Upload {
+            upload: Box::new(LandingUpload::start(target)),
+            replaced_partial: None,
+        })
     }
 
     /// The home-relative path of a path in the upload area (for job records).
@@ -675,6 +742,13 @@ fn file_entry(meta: &ObjectMeta) -> Entry {
     Entry::File {
         size: meta.size,
         modified: u32::try_from(meta.last_modified.timestamp()).unwrap_or(0),
+    }
+}
+
+fn partial_entry(partial: &Partial) -> Entry {
+    Entry::File {
+        size: partial.size,
+        modified: u32::try_from(partial.updated_ms / 1000).unwrap_or(0),
     }
 }
 

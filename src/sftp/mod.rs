@@ -7,6 +7,7 @@
 
 pub mod fs;
 pub mod guard;
+pub mod partial;
 pub mod paths;
 mod server;
 mod session;

@@ -21,10 +21,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::fs::{Entry, Opened, SftpError, UserView, file_attrs, in_download_area};
+use super::partial::{LandingUpload, WriteError};
 use super::paths::{AboveRoot, VirtualPath, normalise};
 use crate::audit::{Audit, Event, Subject};
 use crate::state::{NewJob, State};
-use crate::storage::{Download, Upload};
+use crate::storage::Download;
 
 /// Largest SFTP packet accepted from a client (as OpenSSH's sftp-server).
 pub const MAX_PACKET: u32 = 256 * 1024;
@@ -409,10 +410,17 @@ impl Session {
                 let id = remove.id;
                 self.spawn(id, move |session| async move {
                     let path = parse_path(&remove.filename)?;
-                    session.ctx.view.remove(&path).await?;
-                    session.ctx.audit(Event::Remove {
-                        path: path.to_string(),
-                    });
+                    let event = match session.ctx.view.remove(&path).await? {
+                        Some(bytes_stored) => Event::PartialDiscarded {
+                            path: path.to_string(),
+                            bytes_stored,
+                            reason: "its owner removed it".into(),
+                        },
+                        None => Event::Remove {
+                            path: path.to_string(),
+                        },
+                    };
+                    session.ctx.audit(event);
                     Ok(ok(id))
                 })
                 .await;
@@ -722,11 +730,27 @@ impl Worker {
         let replies = self.replies.clone();
         let alive = self.alive.clone();
         match opened {
-            Opened::Upload(upload) => {
+            Opened::Upload {
+                upload,
+                replaced_partial,
+            } => {
                 ctx.audit(Event::Open {
                     path: path.to_string(),
                     mode: "write",
                 });
+                if let Some(bytes_stored) = replaced_partial {
+                    ctx.audit(Event::PartialDiscarded {
+                        path: path.to_string(),
+                        bytes_stored,
+                        reason: "the file was opened again with truncation".into(),
+                    });
+                }
+                if let Some(from) = upload.resumed_from() {
+                    ctx.audit(Event::UploadResumed {
+                        path: path.to_string(),
+                        from,
+                    });
+                }
                 tokio::spawn(async move {
                     run_upload(&ctx, &path, *upload, queue, &replies).await;
                     drop(alive);
@@ -747,12 +771,12 @@ impl Worker {
     }
 }
 
-/// Serves one file opened for upload until CLOSE (the upload completes) or the session ends
-/// (the upload is discarded).
+/// Serves one file opened for upload until CLOSE (the upload completes) or the session ends (what
+/// is stored is kept as an interrupted upload, for a resume).
 async fn run_upload(
     ctx: &SessionContext,
     path: &VirtualPath,
-    upload: Upload,
+    upload: LandingUpload,
     mut queue: mpsc::Receiver<FileRequest>,
     replies: &mpsc::Sender<Packet>,
 ) {
@@ -768,10 +792,10 @@ async fn run_upload(
                 match (&mut upload, &failure) {
                     (Some(current), None) => match current.write(offset, data).await {
                         Ok(()) => ok(id),
-                        Err(error) => {
-                            let reason = error.to_string();
+                        Err(WriteError::Refused(reason)) => status(id, StatusCode::Failure, reason),
+                        Err(WriteError::Failed(reason)) => {
                             if let Some(current) = upload.take() {
-                                current.abort().await;
+                                current.discard().await;
                             }
                             ctx.audit(Event::UploadAborted {
                                 path: path.to_string(),
@@ -795,21 +819,28 @@ async fn run_upload(
                 id,
                 attrs: file_attrs(
                     &Entry::File {
-                        size: upload.as_ref().map_or(0, Upload::len),
+                        size: upload.as_ref().map_or(0, LandingUpload::len),
                         modified: 0,
                     },
                     true,
                 ),
             }),
             FileRequest::SetStat { id, size } => match size {
-                Some(size) if Some(size) != upload.as_ref().map(Upload::len) => {
+                Some(size) if Some(size) != upload.as_ref().map(LandingUpload::len) => {
                     error_reply(id, size_change())
                 }
                 _ => ok(id),
             },
             FileRequest::Close { id, done } => {
                 let reply = match (upload.take(), failure.take()) {
-                    (Some(current), None) => finish_upload(ctx, path, current, received, id).await,
+                    (Some(current), None) => match current.refused().map(str::to_string) {
+                        // A resume that wrote at the wrong offset: the partial stays as it was.
+                        Some(reason) => {
+                            suspend(ctx, path, current, received).await;
+                            status(id, StatusCode::Failure, reason)
+                        }
+                        None => finish_upload(ctx, path, current, received, id).await,
+                    },
                     (_, Some(reason)) => status(id, StatusCode::Failure, reason),
                     (None, None) => status(id, StatusCode::Failure, "the upload is closed"),
                 };
@@ -821,13 +852,18 @@ async fn run_upload(
         let _ = replies.send(reply).await;
     }
     if let Some(current) = upload.take() {
-        current.abort().await;
-        ctx.audit(Event::UploadAborted {
-            path: path.to_string(),
-            bytes_received: received,
-            reason: "the connection ended before the client closed the file".into(),
-        });
+        suspend(ctx, path, current, received).await;
     }
+}
+
+/// Keeps an upload that was not closed as an interrupted upload, and audits it.
+async fn suspend(ctx: &SessionContext, path: &VirtualPath, upload: LandingUpload, received: u64) {
+    let bytes_stored = upload.suspend().await;
+    ctx.audit(Event::UploadInterrupted {
+        path: path.to_string(),
+        bytes_received: received,
+        bytes_stored,
+    });
 }
 
 /// How long a CLOSE waits for the pipeline to finish with an earlier upload of the same path.
@@ -854,24 +890,19 @@ async fn hold_for_replacement(ctx: &SessionContext, relative: &str) -> Result<()
 async fn finish_upload(
     ctx: &SessionContext,
     path: &VirtualPath,
-    upload: Upload,
+    upload: LandingUpload,
     received: u64,
     id: u32,
 ) -> Packet {
     let relative = ctx.view.home_relative(path);
     if let Err(reason) = hold_for_replacement(ctx, &relative).await {
-        upload.abort().await;
-        ctx.audit(Event::UploadAborted {
-            path: path.to_string(),
-            bytes_received: received,
-            reason: reason.clone(),
-        });
+        // What is stored stays, so the client can close it again with a resume later.
+        suspend(ctx, path, upload, received).await;
         return status(id, StatusCode::Failure, reason);
     }
-    let uploaded = match upload.finish().await {
-        Ok(uploaded) => uploaded,
-        Err(error) => {
-            let reason = error.to_string();
+    let (uploaded, partial_writer) = match upload.finish().await {
+        Ok(finished) => finished,
+        Err(reason) => {
             ctx.view.release(&relative).await;
             ctx.audit(Event::UploadAborted {
                 path: path.to_string(),
@@ -889,6 +920,7 @@ async fn finish_upload(
         sha256: &uploaded.sha256,
         session: &session,
         held: ctx.view.is_temporary(&relative),
+        partial_writer: partial_writer.as_deref(),
     };
     let recorded = ctx
         .state

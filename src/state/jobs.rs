@@ -159,6 +159,8 @@ pub struct NewJob<'a> {
     pub session: &'a str,
     /// Uploaded under a temporary name: held until renamed (or idle too long).
     pub held: bool,
+    /// The writer token of the interrupted upload this completes, deleted with the recording.
+    pub partial_writer: Option<&'a str>,
 }
 
 /// Which jobs to list.
@@ -178,7 +180,8 @@ fn unix_ms(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-pub(super) fn now_ms() -> i64 {
+/// Now, in Unix milliseconds (the unit of the times compared in queries).
+pub fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
 
@@ -267,6 +270,9 @@ impl State {
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get(0)?;
+        if let Some(writer) = job.partial_writer {
+            State::complete_partial(&mut tx, job.username, job.path, writer).await?;
+        }
         State::insert_alerts(&mut tx, &alerts(id)).await?;
         tx.commit().await?;
         Ok(id)
@@ -693,6 +699,7 @@ mod tests {
             sha256: "abc",
             session: "s",
             held: false,
+            partial_writer: None,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Durable state: transfer jobs and users' folders, in SQLite (sqlx).
+//! Durable state: transfer jobs, interrupted uploads and users' folders, in SQLite (sqlx).
 //!
 //! Owns the schema and every query; all SQL here is static text with bound parameters, never built
 //! from strings. A job row is written when an upload's CLOSE succeeds, in state `landed`, ready for
@@ -7,9 +7,11 @@
 
 mod jobs;
 mod outbox;
+mod partials;
 
-pub use jobs::{Job, JobFilter, JobState, NewJob, PathBusy, Verdict};
+pub use jobs::{Job, JobFilter, JobState, NewJob, PathBusy, Verdict, now_ms};
 pub use outbox::{Alert, NewAlert};
+pub use partials::{NewPartial, Partial, Replaced};
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -92,6 +94,34 @@ ALTER TABLE jobs ADD COLUMN stuck_alerted_at TEXT;
 /// The object key a job is routed to, chosen once before copying (for `on_conflict = "suffix"`).
 const SCHEMA_V4: &str = "ALTER TABLE jobs ADD COLUMN route_key TEXT;";
 
+/// Interrupted uploads and the parts they stored (`partials.rs`).
+const SCHEMA_V5: &str = r#"
+CREATE TABLE partials (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    username TEXT NOT NULL,
+    path TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    name TEXT NOT NULL,
+    landing_key TEXT NOT NULL,
+    multipart_id TEXT,
+    size INTEGER NOT NULL DEFAULT 0,
+    writer TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    UNIQUE (username, path)
+);
+CREATE INDEX partials_by_parent ON partials (username, parent);
+CREATE INDEX partials_by_age ON partials (updated_ms);
+CREATE TABLE partial_parts (
+    partial_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    content_id TEXT NOT NULL,
+    end_offset INTEGER NOT NULL,
+    hash_state BLOB NOT NULL,
+    PRIMARY KEY (partial_id, idx)
+);
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot create the folder for the state database {path}: {source}")]
@@ -166,6 +196,13 @@ impl State {
                 Cow::Borrowed("route keys"),
                 MigrationType::Simple,
                 SCHEMA_V4.into_sql_str(),
+                false,
+            ),
+            Migration::new(
+                5,
+                Cow::Borrowed("interrupted uploads"),
+                MigrationType::Simple,
+                SCHEMA_V5.into_sql_str(),
                 false,
             ),
         ]);

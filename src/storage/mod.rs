@@ -7,6 +7,7 @@
 
 mod download;
 mod location;
+mod parts;
 mod upload;
 
 use std::sync::Arc;
@@ -14,11 +15,12 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::{Path as ObjectPath, PathPart};
 
 pub use download::Download;
 pub use location::{Location, check_bucket_name};
-pub use upload::{Upload, UploadError, Uploaded, hex};
+pub use upload::{Progress, Resume, StoredPart, Upload, UploadError, Uploaded, hex};
 
 /// S3 parts are at least this big so that 10,000 parts hold files far beyond 5 GiB (160 GiB).
 const S3_PART_SIZE: usize = 16 * 1024 * 1024;
@@ -41,12 +43,24 @@ pub enum StorageError {
 }
 
 /// An opened bucket (or folder) with its key prefix.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
+    /// The same bucket, for multipart uploads driven part by part.
+    parts: Arc<dyn MultipartStore>,
     prefix: Vec<String>,
     location: Location,
     part_size: usize,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Bucket")
+            .field("location", &self.location)
+            .field("part_size", &self.part_size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bucket {
@@ -60,22 +74,30 @@ impl Bucket {
         location: &Location,
         kms_key: Option<&str>,
     ) -> Result<Bucket, StorageError> {
-        let (store, prefix, part_size): (Arc<dyn ObjectStore>, Vec<String>, usize) = match location
-        {
+        type Opened = (
+            Arc<dyn ObjectStore>,
+            Arc<dyn MultipartStore>,
+            Vec<String>,
+            usize,
+        );
+        let (store, parts, prefix, part_size): Opened = match location {
             Location::Local { root } => {
                 std::fs::create_dir_all(root).map_err(|source| StorageError::CreateFolder {
                     location: location.to_string(),
                     path: root.display().to_string(),
                     source,
                 })?;
-                let store = LocalFileSystem::new_with_prefix(root)
-                    .map_err(|source| StorageError::Open {
-                        location: location.to_string(),
-                        source,
-                    })?
-                    .with_fsync(true)
-                    .with_automatic_cleanup(true);
-                (Arc::new(store), Vec::new(), LOCAL_PART_SIZE)
+                let store = Arc::new(
+                    LocalFileSystem::new_with_prefix(root)
+                        .map_err(|source| StorageError::Open {
+                            location: location.to_string(),
+                            source,
+                        })?
+                        .with_fsync(true)
+                        .with_automatic_cleanup(true),
+                );
+                let parts = Arc::new(parts::LocalParts::new(store.clone(), LOCAL_PART_SIZE));
+                (store, parts, Vec::new(), LOCAL_PART_SIZE)
             }
             Location::S3 { bucket, prefix } => {
                 let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
@@ -88,15 +110,16 @@ impl Bucket {
                 if let Some(kms_key) = kms_key {
                     builder = builder.with_sse_kms_encryption(kms_key);
                 }
-                let store = builder.build().map_err(|source| StorageError::Open {
+                let store = Arc::new(builder.build().map_err(|source| StorageError::Open {
                     location: location.to_string(),
                     source,
-                })?;
-                (Arc::new(store), prefix.clone(), S3_PART_SIZE)
+                })?);
+                (store.clone(), store, prefix.clone(), S3_PART_SIZE)
             }
         };
         Ok(Bucket {
             store,
+            parts,
             prefix,
             location: location.clone(),
             part_size,
@@ -124,7 +147,28 @@ impl Bucket {
 
     /// Starts a streaming upload to `key` that accepts at most `max_size` bytes.
     pub fn upload(&self, key: ObjectPath, max_size: u64) -> Upload {
-        Upload::new(self.store.clone(), key, self.part_size, max_size)
+        Upload::new(
+            self.store.clone(),
+            self.parts.clone(),
+            key,
+            self.part_size,
+            max_size,
+        )
+    }
+
+    /// Carries on an interrupted upload to `key` (see [`Upload::resume`]).
+    pub fn resume_upload(
+        &self,
+        key: ObjectPath,
+        max_size: u64,
+        resume: Resume,
+    ) -> Result<Upload, UploadError> {
+        self.upload(key, max_size).resume(resume)
+    }
+
+    /// Discards an interrupted multipart upload and the parts it stored.
+    pub async fn abort_multipart(&self, key: &ObjectPath, id: &str) -> object_store::Result<()> {
+        self.parts.abort_multipart(key, &id.to_string()).await
     }
 
     /// Like [`Bucket::upload`], storing `metadata` with the object: as S3 user metadata

@@ -5,18 +5,24 @@
 //! ahead, and rewrites of bytes not yet sent to the store are applied in place, so the stored object is
 //! exactly what the client wrote. A rewrite of bytes already streamed cannot be honoured and fails the
 //! upload loudly; nothing is ever silently corrupted or truncated. Small files (below one part) are
-//! stored with a single put; larger ones with a multipart upload (S3 multipart, or a staged file plus
-//! an atomic rename on local disk). Nothing is visible in the store before [`Upload::finish`] succeeds.
+//! stored with a single put; larger ones part by part through [`MultipartStore`] (S3 multipart, or a
+//! staging file on local disk). Nothing is visible in the store before [`Upload::finish`] succeeds.
+//!
+//! Every stored part is reported ([`Upload::take_progress`]) with the hash state after it, so that an
+//! upload cut off by a dropped connection or a crash can carry on later from its last stored part
+//! ([`Upload::resume`]) and still end with the SHA-256 of the whole file.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, AttributeValue, Attributes, MultipartUpload, ObjectStore, PutMultipartOptions,
+    Attribute, AttributeValue, Attributes, MultipartId, ObjectStore, PutMultipartOptions,
     PutOptions, PutPayload, TagSet,
 };
+use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
@@ -37,6 +43,12 @@ pub enum UploadError {
     )]
     Rewrite { offset: u64, streamed: u64 },
     #[error(
+        "this is an interrupted upload holding {stored} bytes, and a write at offset {offset} cannot \
+         continue it: resume from offset {stored} (OpenSSH `reput`, lftp `put -c`), or upload the \
+         whole file again with truncation (`put`)"
+    )]
+    ResumeOffset { offset: u64, stored: u64 },
+    #[error(
         "writes arrived too far out of order (more than {REORDER_WINDOW} bytes or {REORDER_ENTRIES} writes waiting after a gap \
          at offset {gap}); upload the file again sequentially"
     )]
@@ -53,6 +65,10 @@ pub enum UploadError {
     Failed(String),
     #[error("the bytes read have SHA-256 {actual} but {expected} was expected; nothing was stored")]
     Mismatch { expected: String, actual: String },
+    #[error(
+        "the record of the interrupted upload cannot be used ({0}); upload the whole file again"
+    )]
+    BadRecord(String),
 }
 
 /// What a finished upload stored.
@@ -63,8 +79,44 @@ pub struct Uploaded {
     pub sha256: String,
 }
 
+/// A part durably stored, with what is needed to carry on after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPart {
+    /// Part number, from 0.
+    pub index: usize,
+    /// The store's id of the part (the S3 ETag), needed to complete the upload.
+    pub content_id: String,
+    /// Bytes of the file stored up to the end of this part.
+    pub end: u64,
+    /// The SHA-256 state after hashing every byte up to `end`.
+    pub hash_state: Vec<u8>,
+}
+
+/// Parts stored since the last [`Upload::take_progress`], in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub multipart_id: String,
+    pub parts: Vec<StoredPart>,
+}
+
+/// Where an interrupted upload stands: its multipart upload and the parts it stored, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub multipart_id: Option<String>,
+    pub parts: Vec<StoredPart>,
+}
+
+/// A part on its way to the store.
+struct InFlight {
+    index: usize,
+    end: u64,
+    hash_state: Vec<u8>,
+    task: JoinHandle<object_store::Result<PartId>>,
+}
+
 pub struct Upload {
     store: Arc<dyn ObjectStore>,
+    parts_store: Arc<dyn MultipartStore>,
     key: ObjectPath,
     part_size: usize,
     max_size: u64,
@@ -76,8 +128,14 @@ pub struct Upload {
     ahead: BTreeMap<u64, Bytes>,
     ahead_bytes: usize,
     hasher: Sha256,
-    multipart: Option<Box<dyn MultipartUpload>>,
-    in_flight: VecDeque<JoinHandle<object_store::Result<()>>>,
+    multipart: Option<MultipartId>,
+    /// Ids of the parts stored, in order.
+    parts: Vec<PartId>,
+    in_flight: VecDeque<InFlight>,
+    /// Stored parts not yet taken by [`Upload::take_progress`].
+    progress: Vec<StoredPart>,
+    /// A resumed upload's first write must start here.
+    resumed_at: Option<u64>,
     failed: Option<String>,
     /// Stored with the object (S3 metadata and tags).
     tags: TagSet,
@@ -89,12 +147,14 @@ pub struct Upload {
 impl Upload {
     pub(super) fn new(
         store: Arc<dyn ObjectStore>,
+        parts_store: Arc<dyn MultipartStore>,
         key: ObjectPath,
         part_size: usize,
         max_size: u64,
     ) -> Upload {
         Upload {
             store,
+            parts_store,
             key,
             part_size,
             max_size,
@@ -104,12 +164,53 @@ impl Upload {
             ahead_bytes: 0,
             hasher: Sha256::new(),
             multipart: None,
+            parts: Vec::new(),
             in_flight: VecDeque::new(),
+            progress: Vec::new(),
+            resumed_at: None,
             failed: None,
             tags: TagSet::default(),
             attributes: Attributes::new(),
             expected_sha256: None,
         }
+    }
+
+    /// Carries on an interrupted upload after its last stored part. The parts must be the ones
+    /// [`Upload::take_progress`] reported, in order.
+    pub(super) fn resume(mut self, resume: Resume) -> Result<Upload, UploadError> {
+        let part_size = self.part_size as u64;
+        for (position, part) in resume.parts.iter().enumerate() {
+            if part.index != position || part.end != (position as u64 + 1) * part_size {
+                return Err(UploadError::BadRecord(format!(
+                    "part {position} is recorded as part {} ending at byte {}",
+                    part.index, part.end
+                )));
+            }
+        }
+        if let Some(last) = resume.parts.last() {
+            let state =
+                sha2::digest::array::Array::try_from(last.hash_state.as_slice()).map_err(|_| {
+                    UploadError::BadRecord("the hash state has the wrong length".into())
+                })?;
+            self.hasher = Sha256::deserialize(&state)
+                .map_err(|_| UploadError::BadRecord("the hash state is not valid".into()))?;
+            self.sealed = last.end;
+        }
+        if resume.multipart_id.is_none() && !resume.parts.is_empty() {
+            return Err(UploadError::BadRecord(
+                "parts without a multipart upload".into(),
+            ));
+        }
+        self.multipart = resume.multipart_id;
+        self.parts = resume
+            .parts
+            .into_iter()
+            .map(|part| PartId {
+                content_id: part.content_id,
+            })
+            .collect();
+        self.resumed_at = Some(self.sealed);
+        Ok(self)
     }
 
     /// Stores `metadata` as object metadata and tags.
@@ -143,10 +244,17 @@ impl Upload {
         self.sealed + self.buffer.len() as u64
     }
 
-    /// Accepts `data` at `offset`. After an error the upload is failed for good; call [`Upload::abort`].
+    /// Accepts `data` at `offset`. After an error the upload is failed for good, except for a
+    /// resumed upload's first write at the wrong offset, which leaves it as it was.
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), UploadError> {
         if let Some(reason) = &self.failed {
             return Err(UploadError::Failed(reason.clone()));
+        }
+        if let Some(stored) = self.resumed_at {
+            if offset != stored {
+                return Err(UploadError::ResumeOffset { offset, stored });
+            }
+            self.resumed_at = None;
         }
         let result = self.write_inner(offset, data).await;
         if let Err(error) = &result {
@@ -228,24 +336,92 @@ impl Upload {
     async fn send_part(&mut self, part: Bytes) -> Result<(), UploadError> {
         self.hasher.update(&part);
         self.sealed += part.len() as u64;
-        if self.multipart.is_none() {
-            let options = PutMultipartOptions {
-                tags: self.tags.clone(),
-                attributes: self.attributes.clone(),
-                ..PutMultipartOptions::default()
-            };
-            self.multipart = Some(self.store.put_multipart_opts(&self.key, options).await?);
-        }
-        if let Some(multipart) = self.multipart.as_mut() {
-            let upload_part = multipart.put_part(PutPayload::from(part));
-            self.in_flight.push_back(tokio::spawn(upload_part));
-        }
-        while self.in_flight.len() > PARTS_IN_FLIGHT {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                oldest.await??;
+        let multipart = match &self.multipart {
+            Some(id) => id.clone(),
+            None => {
+                let options = PutMultipartOptions {
+                    tags: self.tags.clone(),
+                    attributes: self.attributes.clone(),
+                    ..PutMultipartOptions::default()
+                };
+                let id = self
+                    .parts_store
+                    .create_multipart_opts(&self.key, options)
+                    .await?;
+                self.multipart = Some(id.clone());
+                id
             }
+        };
+        let index = self.parts.len() + self.in_flight.len();
+        let store = self.parts_store.clone();
+        let key = self.key.clone();
+        let task = tokio::spawn(async move {
+            store
+                .put_part(&key, &multipart, index, PutPayload::from(part))
+                .await
+        });
+        self.in_flight.push_back(InFlight {
+            index,
+            end: self.sealed,
+            hash_state: self.hasher.serialize().to_vec(),
+            task,
+        });
+        while self.in_flight.len() > PARTS_IN_FLIGHT
+            || self
+                .in_flight
+                .front()
+                .is_some_and(|oldest| oldest.task.is_finished())
+        {
+            self.store_oldest().await?;
         }
         Ok(())
+    }
+
+    /// Waits for the oldest part in flight and records it as stored.
+    async fn store_oldest(&mut self) -> Result<(), UploadError> {
+        if let Some(oldest) = self.in_flight.pop_front() {
+            let id = oldest.task.await??;
+            self.progress.push(StoredPart {
+                index: oldest.index,
+                content_id: id.content_id.clone(),
+                end: oldest.end,
+                hash_state: oldest.hash_state,
+            });
+            self.parts.push(id);
+        }
+        Ok(())
+    }
+
+    /// Parts stored since the last call, if any, for a caller that records them so that the upload
+    /// can be resumed.
+    pub fn take_progress(&mut self) -> Option<Progress> {
+        if self.progress.is_empty() {
+            return None;
+        }
+        Some(Progress {
+            multipart_id: self.multipart.clone().unwrap_or_default(),
+            parts: std::mem::take(&mut self.progress),
+        })
+    }
+
+    /// The multipart upload holding the stored parts, once there is one.
+    pub fn multipart_id(&self) -> Option<&str> {
+        self.multipart.as_deref()
+    }
+
+    /// Stops without completing or discarding: waits for the parts in flight, keeps what the store
+    /// acknowledged, and drops the bytes not yet in a part. Returns the parts stored since the last
+    /// [`Upload::take_progress`]. A part that fails ends the stored run there.
+    pub async fn suspend(&mut self) -> Option<Progress> {
+        while !self.in_flight.is_empty() {
+            if let Err(error) = self.store_oldest().await {
+                tracing::warn!(key = %self.key, %error, "a part of an interrupted upload was not stored");
+                for part in self.in_flight.drain(..) {
+                    part.task.abort();
+                }
+            }
+        }
+        self.take_progress()
     }
 
     /// Completes the object. Only after this returns `Ok` is the object visible, whole, in the store.
@@ -270,32 +446,35 @@ impl Upload {
 
     async fn complete(&mut self) -> Result<Uploaded, UploadError> {
         let last = std::mem::take(&mut self.buffer).freeze();
-        if self.multipart.is_none() {
-            self.hasher.update(&last);
-            self.sealed += last.len() as u64;
-            let uploaded = self.verified()?;
-            let options = PutOptions {
-                tags: self.tags.clone(),
-                attributes: self.attributes.clone(),
-                ..PutOptions::default()
-            };
-            self.store
-                .put_opts(&self.key, PutPayload::from(last), options)
-                .await?;
-            Ok(uploaded)
-        } else {
-            if !last.is_empty() {
-                self.send_part(last).await?;
+        match self.multipart.clone() {
+            None => {
+                self.hasher.update(&last);
+                self.sealed += last.len() as u64;
+                let uploaded = self.verified()?;
+                let options = PutOptions {
+                    tags: self.tags.clone(),
+                    attributes: self.attributes.clone(),
+                    ..PutOptions::default()
+                };
+                self.store
+                    .put_opts(&self.key, PutPayload::from(last), options)
+                    .await?;
+                Ok(uploaded)
             }
-            while let Some(part) = self.in_flight.pop_front() {
-                part.await??;
+            Some(multipart) => {
+                if !last.is_empty() {
+                    self.send_part(last).await?;
+                }
+                while !self.in_flight.is_empty() {
+                    self.store_oldest().await?;
+                }
+                let uploaded = self.verified()?;
+                self.parts_store
+                    .complete_multipart(&self.key, &multipart, self.parts.clone())
+                    .await?;
+                self.multipart = None;
+                Ok(uploaded)
             }
-            let uploaded = self.verified()?;
-            if let Some(multipart) = self.multipart.as_mut() {
-                multipart.complete().await?;
-            }
-            self.multipart = None;
-            Ok(uploaded)
         }
     }
 
@@ -319,10 +498,13 @@ impl Upload {
     /// Discards everything: in-flight parts are cancelled and the multipart upload aborted.
     pub async fn abort(mut self) {
         for part in self.in_flight.drain(..) {
-            part.abort();
+            part.task.abort();
         }
-        if let Some(mut multipart) = self.multipart.take()
-            && let Err(error) = multipart.abort().await
+        if let Some(multipart) = self.multipart.take()
+            && let Err(error) = self
+                .parts_store
+                .abort_multipart(&self.key, &multipart)
+                .await
         {
             tracing::warn!(key = %self.key, %error, "could not abort a multipart upload");
         }
@@ -346,13 +528,17 @@ mod tests {
     use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
+    fn upload_to(store: &Arc<InMemory>, key: &ObjectPath, part_size: usize, max: u64) -> Upload {
+        Upload::new(store.clone(), store.clone(), key.clone(), part_size, max)
+    }
+
     async fn run(
         part_size: usize,
         writes: &[(u64, &[u8])],
     ) -> Result<(Uploaded, Vec<u8>), UploadError> {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let store = Arc::new(InMemory::new());
         let key = ObjectPath::from("acme/file.bin");
-        let mut upload = Upload::new(store.clone(), key.clone(), part_size, 1 << 30);
+        let mut upload = upload_to(&store, &key, part_size, 1 << 30);
         for (offset, data) in writes {
             upload.write(*offset, Bytes::copy_from_slice(data)).await?;
         }
@@ -415,9 +601,9 @@ mod tests {
 
     #[tokio::test]
     async fn too_large_fails_and_leaves_nothing() {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let store = Arc::new(InMemory::new());
         let key = ObjectPath::from("f");
-        let mut upload = Upload::new(store.clone(), key.clone(), 4, 10);
+        let mut upload = upload_to(&store, &key, 4, 10);
         upload
             .write(0, Bytes::from_static(b"12345678"))
             .await
@@ -434,20 +620,121 @@ mod tests {
     #[tokio::test]
     async fn a_sha256_mismatch_publishes_nothing() {
         for part_size in [2, 1000] {
-            let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            let store = Arc::new(InMemory::new());
             let key = ObjectPath::from("f");
-            let mut upload = Upload::new(store.clone(), key.clone(), part_size, 100)
-                .expect_sha256(&sha(b"other"));
+            let mut upload = upload_to(&store, &key, part_size, 100).expect_sha256(&sha(b"other"));
             upload.write(0, Bytes::from_static(b"hello")).await.unwrap();
             let error = upload.finish().await.unwrap_err();
             assert!(matches!(error, UploadError::Mismatch { .. }), "{error}");
             assert!(store.head(&key).await.is_err());
-            let mut upload = Upload::new(store.clone(), key.clone(), part_size, 100)
-                .expect_sha256(&sha(b"hello"));
+            let mut upload = upload_to(&store, &key, part_size, 100).expect_sha256(&sha(b"hello"));
             upload.write(0, Bytes::from_static(b"hello")).await.unwrap();
             upload.finish().await.unwrap();
             assert!(store.head(&key).await.is_ok());
         }
+    }
+
+    /// Writes `data` from `from`, then suspends as a dropped connection would.
+    async fn interrupted(
+        store: &Arc<InMemory>,
+        key: &ObjectPath,
+        resume: Option<Resume>,
+        from: u64,
+        data: &[u8],
+    ) -> Resume {
+        let mut upload = upload_to(store, key, 4, 100);
+        let mut record = resume.clone().unwrap_or_default();
+        if let Some(resume) = resume {
+            upload = upload.resume(resume).unwrap();
+        }
+        upload
+            .write(from, Bytes::copy_from_slice(data))
+            .await
+            .unwrap();
+        for progress in [upload.take_progress(), upload.suspend().await]
+            .into_iter()
+            .flatten()
+        {
+            record.multipart_id = Some(progress.multipart_id);
+            record.parts.extend(progress.parts);
+        }
+        record
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_after_its_last_stored_part() {
+        let store = Arc::new(InMemory::new());
+        let key = ObjectPath::from("acme/big.bin");
+        let whole = b"0123456789abcdefghij";
+        // 10 bytes sent: two 4-byte parts stored, two bytes lost with the connection.
+        let first = interrupted(&store, &key, None, 0, &whole[..10]).await;
+        assert_eq!(first.parts.len(), 2);
+        assert_eq!(first.parts[1].end, 8);
+        assert!(store.head(&key).await.is_err(), "nothing is visible yet");
+        // A second interruption: resumed at 8, three more parts stored.
+        let second = interrupted(&store, &key, Some(first), 8, &whole[8..19]).await;
+        assert_eq!(second.parts.len(), 4);
+        let mut upload = upload_to(&store, &key, 4, 100).resume(second).unwrap();
+        assert_eq!(upload.len(), 16);
+        let error = upload
+            .write(0, Bytes::from_static(b"0123"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                UploadError::ResumeOffset {
+                    offset: 0,
+                    stored: 16
+                }
+            ),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("resume from offset 16"),
+            "{error}"
+        );
+        upload
+            .write(16, Bytes::copy_from_slice(&whole[16..]))
+            .await
+            .unwrap();
+        let uploaded = upload.finish().await.unwrap();
+        assert_eq!(uploaded.size, 20);
+        assert_eq!(uploaded.sha256, sha(whole));
+        let stored = store.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&stored[..], whole);
+    }
+
+    #[tokio::test]
+    async fn the_size_limit_counts_the_whole_file_across_resumes() {
+        let store = Arc::new(InMemory::new());
+        let key = ObjectPath::from("f");
+        let record = interrupted(&store, &key, None, 0, b"01234567").await;
+        let mut upload = Upload::new(store.clone(), store.clone(), key, 4, 10)
+            .resume(record)
+            .unwrap();
+        let error = upload
+            .write(8, Bytes::from_static(b"89ab"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, UploadError::TooLarge { limit: 10 }),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resume_record_that_does_not_add_up_is_refused() {
+        let store = Arc::new(InMemory::new());
+        let key = ObjectPath::from("f");
+        let mut record = interrupted(&store, &key, None, 0, b"0123456789").await;
+        record.parts.remove(0);
+        let refused = upload_to(&store, &key, 4, 100).resume(record);
+        assert!(matches!(refused, Err(UploadError::BadRecord(_))));
+        let mut bad = interrupted(&store, &key, None, 0, b"01234567").await;
+        bad.parts[1].hash_state.truncate(3);
+        let refused = upload_to(&store, &key, 4, 100).resume(bad);
+        assert!(matches!(refused, Err(UploadError::BadRecord(_))));
     }
 
     #[test]

@@ -59,9 +59,17 @@ pub fn free_port() -> u16 {
 }
 
 pub fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
     let mut file = std::fs::File::open(path).unwrap();
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).unwrap();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).unwrap();
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
     ingestion::storage::hex(&hasher.finalize())
 }
 
@@ -340,19 +348,32 @@ impl Server {
             .collect()
     }
 
-    /// Jobs recorded in the server's state database, newest first.
-    pub fn jobs(&self) -> Vec<ingestion::state::Job> {
+    /// Runs `query` on the server's state database.
+    fn query<T, F: Future<Output = T>>(
+        &self,
+        query: impl FnOnce(ingestion::state::State) -> F,
+    ) -> T {
         let database = ingestion::config::Database::Sqlite {
             path: self.dir.path().join("state/ingestion.db"),
         };
         tokio::runtime::Runtime::new().unwrap().block_on(async {
-            ingestion::state::State::open(&database)
-                .await
-                .unwrap()
+            query(ingestion::state::State::open(&database).await.unwrap()).await
+        })
+    }
+
+    /// Jobs recorded in the server's state database, newest first.
+    pub fn jobs(&self) -> Vec<ingestion::state::Job> {
+        self.query(|state| async move {
+            state
                 .jobs(&ingestion::state::JobFilter::default())
                 .await
                 .unwrap()
         })
+    }
+
+    /// Interrupted uploads recorded in the server's state database.
+    pub fn partials(&self) -> Vec<ingestion::state::Partial> {
+        self.query(|state| async move { state.partials(None).await.unwrap() })
     }
 
     pub fn known_hosts(&self) -> PathBuf {
