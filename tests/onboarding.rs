@@ -271,39 +271,12 @@ fn reload_adds_and_removes_users_while_an_upload_continues() {
     let file = keys.path().join("slow.bin");
     random_file(&file, 3 << 20, 8);
     // 3 MiB at 4 Mbit/s: about six seconds in flight.
-    let mut upload = Command::new("sftp")
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-l",
-            "4000",
-        ])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            server.known_hosts().display()
-        ))
-        .arg("-i")
-        .arg(&acme.private)
-        .args(["-P", &server.port.to_string(), "-b", "-", "acme@127.0.0.1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        writeln!(
-            upload.stdin.take().unwrap(),
-            "put {} slow.bin",
-            file.display()
-        )
-        .unwrap();
-    }
+    let upload = server.sftp_spawn(
+        "acme",
+        &acme,
+        &format!("put {} slow.bin\n", file.display()),
+        &["-l", "4000"],
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while server.events("open").is_empty() {
         assert!(

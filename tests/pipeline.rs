@@ -264,41 +264,6 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
     assert_failure(&refused, "retrying a delivered transfer");
 }
 
-/// Where the buckets of a crash test live, and how to list them.
-enum Buckets<'a> {
-    Local,
-    S3(&'a Moto),
-}
-
-impl Buckets<'_> {
-    fn landing(&self) -> Landing {
-        match self {
-            Buckets::Local => Landing::Local,
-            Buckets::S3(moto) => Landing::S3 {
-                endpoint: moto.endpoint.clone(),
-                bucket: "landing-bucket".into(),
-            },
-        }
-    }
-
-    fn delivered(&self, server: &Server) -> Vec<String> {
-        match self {
-            Buckets::Local => server.files_in("buckets/delivered/acme"),
-            Buckets::S3(moto) => s3_keys(&moto.endpoint, "team-bucket")
-                .into_iter()
-                .map(|key| key.trim_start_matches("acme/").to_string())
-                .collect(),
-        }
-    }
-
-    fn quarantined(&self, server: &Server) -> Vec<String> {
-        match self {
-            Buckets::Local => server.files_in("buckets/quarantine"),
-            Buckets::S3(moto) => s3_keys(&moto.endpoint, "landing-bucket-quarantine"),
-        }
-    }
-}
-
 /// The server is killed with SIGKILL after copying files to their destinations and before removing
 /// them from landing; after a restart each file ends up in exactly one place.
 fn crash_between_copy_and_delete(test: &str, buckets: Buckets) {
@@ -307,9 +272,7 @@ fn crash_between_copy_and_delete(test: &str, buckets: Buckets) {
     };
     let clamd = ClamdPeer::start_on_free_port();
     let mut user = UserSpec::new("acme", &setup.key);
-    if let Buckets::S3(_) = buckets {
-        user.destination = Some("s3://team-bucket/acme".into());
-    }
+    user.destination = buckets.destination("acme");
     let sections = clamd_sections(&clamd.address(), "lease = \"2s\"\n");
     let mut server = Server::launch(
         &[user],
@@ -360,14 +323,7 @@ fn crash_between_copy_and_delete(test: &str, buckets: Buckets) {
     );
     assert_eq!(buckets.delivered(&server), ["clean.csv"]);
     assert_eq!(buckets.quarantined(&server), ["acme/eicar.txt"]);
-    let delivered = match &buckets {
-        Buckets::Local => {
-            std::fs::read(server.dir.path().join("buckets/delivered/acme/clean.csv")).unwrap()
-        }
-        Buckets::S3(moto) => {
-            s3_get_object(&moto.endpoint, "team-bucket", "acme/clean.csv").unwrap()
-        }
-    };
+    let delivered = buckets.delivered_bytes(&server, "clean.csv").unwrap();
     assert!(
         delivered == std::fs::read(&clean).unwrap(),
         "the delivered bytes differ"

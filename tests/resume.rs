@@ -36,58 +36,27 @@ fn setup(test: &str, needs_lftp: bool) -> Option<Setup> {
     Some(Setup { files, acme, beta })
 }
 
-/// Where the buckets are, and what a partial looks like in landing there.
-enum Buckets<'a> {
-    Local,
-    S3(&'a Moto),
+fn users<'k>(buckets: &Buckets, setup: &'k Setup) -> Vec<UserSpec<'k>> {
+    let mut acme = UserSpec::new("acme", &setup.acme);
+    let mut beta = UserSpec::new("beta", &setup.beta);
+    acme.destination = buckets.destination("acme");
+    beta.destination = buckets.destination("beta");
+    vec![acme, beta]
 }
 
-impl Buckets<'_> {
-    fn landing(&self) -> Landing {
-        match self {
-            Buckets::Local => Landing::Local,
-            Buckets::S3(moto) => Landing::S3 {
-                endpoint: moto.endpoint.clone(),
-                bucket: "landing-bucket".into(),
-            },
-        }
-    }
-
-    fn users<'k>(&self, setup: &'k Setup) -> Vec<UserSpec<'k>> {
-        let mut acme = UserSpec::new("acme", &setup.acme);
-        let mut beta = UserSpec::new("beta", &setup.beta);
-        if let Buckets::S3(_) = self {
-            acme.destination = Some("s3://team-bucket/acme".into());
-            beta.destination = Some("s3://team-bucket/beta".into());
-        }
-        vec![acme, beta]
-    }
-
-    /// The landing entry of an interrupted upload of acme's `name`: a staging file or a multipart upload.
-    fn is_partial_of(&self, entry: &str, name: &str) -> bool {
-        match self {
-            Buckets::Local => entry
-                .strip_prefix(&format!("acme/{name}#"))
-                .is_some_and(|id| id.len() == 19 && id.bytes().all(|b| b.is_ascii_digit())),
-            Buckets::S3(_) => entry == format!("MULTIPART landing-prefix/acme/{name}"),
-        }
-    }
-
-    fn delivered(&self, server: &Server, name: &str) -> Option<Vec<u8>> {
-        match self {
-            Buckets::Local => {
-                std::fs::read(server.dir.path().join("buckets/delivered/acme").join(name)).ok()
-            }
-            Buckets::S3(moto) => {
-                s3_get_object(&moto.endpoint, "team-bucket", &format!("acme/{name}"))
-            }
-        }
+/// Whether a landing entry is an interrupted upload of acme's `name`: a staging file or a multipart upload.
+fn is_partial_of(buckets: &Buckets, entry: &str, name: &str) -> bool {
+    match buckets {
+        Buckets::Local => entry
+            .strip_prefix(&format!("acme/{name}#"))
+            .is_some_and(|id| id.len() == 19 && id.bytes().all(|b| b.is_ascii_digit())),
+        Buckets::S3(_) => entry == format!("MULTIPART landing-prefix/acme/{name}"),
     }
 }
 
 fn launch(buckets: &Buckets, setup: &Setup, retention: &str) -> Server {
     Server::launch(
-        &buckets.users(setup),
+        &users(buckets, setup),
         &format!("partial_retention = \"{retention}\"\nmax_file_size = \"1 GiB\""),
         "[scanner]\nengine = \"builtin\"\n[pipeline]\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n",
         buckets.landing(),
@@ -97,38 +66,8 @@ fn launch(buckets: &Buckets, setup: &Setup, retention: &str) -> Server {
 
 /// Starts OpenSSH sftp uploading `local` to `remote`, throttled so that it can be cut off midway.
 fn start_put(server: &Server, key: &Key, local: &Path, remote: &str) -> Child {
-    let mut child = Command::new("sftp")
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "IdentityAgent=none",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-l",
-            "200000",
-        ])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            server.known_hosts().display()
-        ))
-        .arg("-i")
-        .arg(&key.private)
-        .args(["-P", &server.port.to_string(), "-b", "-", "acme@127.0.0.1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "put {} {remote}", local.display()).unwrap();
-    }
-    child
+    let script = format!("put {} {remote}\n", local.display());
+    server.sftp_spawn("acme", key, &script, &["-l", "200000"])
 }
 
 /// Waits until the server has stored (and recorded) at least `bytes` of the upload to `path`.
@@ -188,7 +127,7 @@ fn wait_delivered(server: &Server, buckets: &Buckets, name: &str, local: &Path) 
     assert_eq!(delivered.len(), 1, "delivered once: {jobs:#?}");
     assert_eq!(delivered[0].sha256, sha256_file(local));
     assert_eq!(delivered[0].size, std::fs::metadata(local).unwrap().len());
-    let bytes = buckets.delivered(server, name).unwrap();
+    let bytes = buckets.delivered_bytes(server, name).unwrap();
     assert!(
         bytes == std::fs::read(local).unwrap(),
         "{name}: the delivered bytes differ"
@@ -234,7 +173,7 @@ fn resume_scenarios(test: &str, buckets: Buckets) {
     assert!(server.jobs().is_empty(), "{:#?}", server.jobs());
     let landing = server.landing_listing();
     assert!(
-        landing.len() == 1 && buckets.is_partial_of(&landing[0], "big.bin"),
+        landing.len() == 1 && is_partial_of(&buckets, &landing[0], "big.bin"),
         "{landing:?}"
     );
     let listed = server.cli(&["transfers", "list", "--state", "partial"]);

@@ -411,26 +411,33 @@ impl Server {
     }
 
     pub fn sftp_from(&self, user: &str, key: &Key, script: &str, bind: Option<&str>) -> Output {
-        let mut command = Command::new("sftp");
-        command
+        let bind = bind.map(|address| format!("BindAddress={address}"));
+        let options: Vec<&str> = bind.iter().flat_map(|b| ["-o", b.as_str()]).collect();
+        self.sftp_spawn(user, key, script, &options)
+            .wait_with_output()
+            .unwrap()
+    }
+
+    /// Starts OpenSSH sftp in batch mode with `script` and more `options` (`-l KBIT` to throttle,
+    /// …), without waiting for it: for tests that act while a transfer is under way.
+    pub fn sftp_spawn(&self, user: &str, key: &Key, script: &str, options: &[&str]) -> Child {
+        let mut child = Command::new("sftp")
             .args(self.ssh_options(key))
-            .args(["-P", &self.port.to_string(), "-b", "-"]);
-        if let Some(address) = bind {
-            command.args(["-o", &format!("BindAddress={address}")]);
-        }
-        command
+            .args(options)
+            .args(["-P", &self.port.to_string(), "-b", "-"])
             .arg(format!("{user}@127.0.0.1"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap();
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         child
             .stdin
             .take()
             .unwrap()
             .write_all(script.as_bytes())
             .unwrap();
-        child.wait_with_output().unwrap()
+        child
     }
 
     pub fn scp_upload(&self, user: &str, key: &Key, local: &Path, remote: &str) -> Output {
@@ -644,6 +651,63 @@ fn s3_list(endpoint: &str, bucket: &str) -> Vec<String> {
         .collect();
     keys.sort();
     keys
+}
+
+/// Where a test's buckets live: local folders, or moto S3 with landing in `landing-bucket`, quarantine
+/// in `landing-bucket-quarantine` and user acme's destination under `team-bucket/acme`.
+pub enum Buckets<'a> {
+    Local,
+    S3(&'a Moto),
+}
+
+impl Buckets<'_> {
+    pub fn landing(&self) -> Landing {
+        match self {
+            Buckets::Local => Landing::Local,
+            Buckets::S3(moto) => Landing::S3 {
+                endpoint: moto.endpoint.clone(),
+                bucket: "landing-bucket".into(),
+            },
+        }
+    }
+
+    /// A user's destination (`None`: the harness's local default).
+    pub fn destination(&self, user: &str) -> Option<String> {
+        match self {
+            Buckets::Local => None,
+            Buckets::S3(_) => Some(format!("s3://team-bucket/{user}")),
+        }
+    }
+
+    /// Names of the files delivered to acme.
+    pub fn delivered(&self, server: &Server) -> Vec<String> {
+        match self {
+            Buckets::Local => server.files_in("buckets/delivered/acme"),
+            Buckets::S3(moto) => s3_keys(&moto.endpoint, "team-bucket")
+                .into_iter()
+                .map(|key| key.trim_start_matches("acme/").to_string())
+                .collect(),
+        }
+    }
+
+    /// The bytes of a file delivered to acme.
+    pub fn delivered_bytes(&self, server: &Server, name: &str) -> Option<Vec<u8>> {
+        match self {
+            Buckets::Local => {
+                std::fs::read(server.dir.path().join("buckets/delivered/acme").join(name)).ok()
+            }
+            Buckets::S3(moto) => {
+                s3_get_object(&moto.endpoint, "team-bucket", &format!("acme/{name}"))
+            }
+        }
+    }
+
+    pub fn quarantined(&self, server: &Server) -> Vec<String> {
+        match self {
+            Buckets::Local => server.files_in("buckets/quarantine"),
+            Buckets::S3(moto) => s3_keys(&moto.endpoint, "landing-bucket-quarantine"),
+        }
+    }
 }
 
 /// A moto S3 server started for one test, with the buckets it needs.
