@@ -137,6 +137,16 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// SIGTERM or SIGINT: no new connections; open ones have `drain` to finish.
+    ServiceStopping {
+        drain: String,
+    },
+    /// The process is exiting: connections still open after the drain were cut, and this node's
+    /// job and alert leases were handed back.
+    ServiceStopped {
+        connections_cut: usize,
+        leases_released: u64,
+    },
     /// A file found in landing without a job was given one at start.
     Adopted {
         job: i64,

@@ -339,13 +339,14 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         users.clone(),
         audit.clone(),
     ));
-    tokio::spawn(notifier.run());
+    let notifier_task = tokio::spawn(notifier.clone().run());
     tokio::spawn(crate::sftp::partial::expire_partials(
         state.clone(),
         landing.clone(),
         config.server.partial_retention,
         audit.clone(),
     ));
+    let (stop_state, stop_audit) = (state.clone(), audit.clone());
     let door = Arc::new(FrontDoor::new(
         crate::sftp::guard::Guard::new(config.limits.clone()),
         users,
@@ -358,7 +359,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         config.server.max_file_size,
         ssh_config(host_key, config.server.algorithms),
     ));
-    let pipeline = tokio::spawn(pipeline.run());
+    let mut pipeline_task = tokio::spawn(pipeline.clone().run());
     // Listen for SIGHUP before publishing the pid, so an early `ingestion reload` cannot kill us.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
@@ -370,13 +371,40 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     ));
     let _pid_file = PidFile::write(&config.server.pid_file)?;
     tokio::select! {
-        result = door.run(listener) => result.context("the SFTP listener failed"),
-        _ = pipeline => Err(anyhow!("the pipeline stopped")),
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        () = door.clone().run(listener, shutdown_signal()) => {}
+        _ = &mut pipeline_task => return Err(anyhow!("the pipeline stopped")),
     }
+    // SIGTERM or SIGINT: no new logins; uploads under way may finish within the drain time.
+    let drain = config.server.drain_time;
+    tracing::info!(drain = %humantime::format_duration(drain), "shutting down: draining connections");
+    stop_audit.record(
+        &Subject::default(),
+        Event::ServiceStopping {
+            drain: humantime::format_duration(drain).to_string(),
+        },
+    );
+    let cut = door.drain(drain).await;
+    // Jobs and alerts this process was working on go back to the other nodes (or the next start)
+    // at once, instead of after their leases expire. Every step checks its lease, so a step cut
+    // short here changes nothing.
+    pipeline_task.abort();
+    notifier_task.abort();
+    let released = stop_state
+        .release_leases(&[pipeline.node(), notifier.owner()])
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot release this node's leases; they expire by themselves");
+            0
+        });
+    stop_audit.record(
+        &Subject::default(),
+        Event::ServiceStopped {
+            connections_cut: cut,
+            leases_released: released,
+        },
+    );
+    tracing::info!(connections_cut = cut, leases_released = released, "stopped");
+    Ok(())
 }
 
 /// Builds the scanner; an unreachable clamd is reported but does not stop the start: files wait in

@@ -29,7 +29,7 @@ pub use user::{
 ///
 /// # Defaults
 /// `server.listen` 0.0.0.0:2222, `server.host_key_dir` state/host_keys, `server.max_file_size` 5 GiB,
-/// `server.audit_log` state/audit.jsonl, `server.partial_retention` 24h, `state.database` sqlite://state/ingestion.db, `users.dir` users.
+/// `server.audit_log` state/audit.jsonl, `server.partial_retention` 24h, `server.drain_time` 30s, `state.database` sqlite://state/ingestion.db, `users.dir` users.
 /// Relative paths are relative to the folder holding the configuration file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -123,6 +123,9 @@ pub enum Scanner {
     Builtin { blocklist: Vec<String> },
 }
 
+/// How long a stopping server waits for uploads under way by default.
+const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(30);
+
 /// How long interrupted uploads are kept by default: a day to reconnect.
 const DEFAULT_PARTIAL_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
@@ -143,6 +146,8 @@ pub struct Server {
     pub algorithms: Algorithms,
     /// How long an interrupted upload is kept for its owner to resume it.
     pub partial_retention: Duration,
+    /// On SIGTERM, how long open connections may go on before the process exits.
+    pub drain_time: Duration,
 }
 
 /// Which SSH algorithms are offered.
@@ -218,9 +223,30 @@ pub struct State {
 }
 
 /// Which database holds jobs and directories.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
+    /// One file, for one node.
     Sqlite { path: PathBuf },
+    /// A PostgreSQL server shared by every node: `postgres://user:password@host:port/database`.
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for Database {
+    /// Never shows a password.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite { path } => write!(formatter, "sqlite://{}", path.display()),
+            Database::Postgres { url } => match url::Url::parse(url) {
+                Ok(mut parsed) => {
+                    if parsed.password().is_some() {
+                        let _ = parsed.set_password(Some("***"));
+                    }
+                    write!(formatter, "{parsed}")
+                }
+                Err(_) => formatter.write_str("postgres://(unparsable)"),
+            },
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -358,6 +384,8 @@ struct RawServer {
     algorithms: Option<Spanned<String>>,
     /// How long an interrupted upload is kept for a resume after its last write, e.g. "24h".
     partial_retention: Option<Spanned<String>>,
+    /// On SIGTERM, how long uploads under way may go on before the process exits, e.g. "30s".
+    drain_time: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -568,6 +596,12 @@ impl Config {
             &raw.server.partial_retention,
             DEFAULT_PARTIAL_RETENTION,
         );
+        let drain_time = duration_field(
+            &mut report,
+            "server.drain_time",
+            &raw.server.drain_time,
+            DEFAULT_DRAIN_TIME,
+        );
         if let Some(value) = &raw.server.partial_retention
             && partial_retention < Duration::from_secs(1)
         {
@@ -639,6 +673,7 @@ impl Config {
                         temporary_names,
                         algorithms,
                         partial_retention,
+                        drain_time,
                     },
                     buckets: Buckets {
                         landing,
@@ -1105,12 +1140,24 @@ fn parse_database(url: &str, base: &Path) -> Result<Database, String> {
         });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(
-            "PostgreSQL state is not available in this version yet; use sqlite://PATH".into(),
-        );
+        let parsed = url::Url::parse(url).map_err(|error| {
+            format!(
+                "not a PostgreSQL URL ({error}); write postgres://user:password@host:5432/database"
+            )
+        })?;
+        if parsed.host_str().is_none_or(str::is_empty) || parsed.path().trim_matches('/').is_empty()
+        {
+            return Err(
+                "a PostgreSQL URL needs a host and a database: postgres://user:password@host:5432/database"
+                    .into(),
+            );
+        }
+        return Ok(Database::Postgres {
+            url: url.to_string(),
+        });
     }
     Err(format!(
-        "`{url}` is not a database URL; write sqlite://state/ingestion.db"
+        "`{url}` is not a database URL; write sqlite://state/ingestion.db or postgres://user:password@host/database"
     ))
 }
 

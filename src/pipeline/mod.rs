@@ -184,6 +184,11 @@ impl Pipeline {
     }
 
     /// Runs the workers forever.
+    /// This process's name in lease owners: its workers are `<node>/worker-<n>`.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub async fn run(self: Arc<Self>) {
         let mut workers = tokio::task::JoinSet::new();
         for index in 0..self.settings.workers.max(1) {

@@ -126,6 +126,8 @@ pub struct FrontDoor {
     audit: Arc<Audit>,
     max_file_size: u64,
     ssh: Arc<russh::server::Config>,
+    /// Every open connection, so that a shutdown can wait for them.
+    connections: tokio_util::task::TaskTracker,
 }
 
 impl FrontDoor {
@@ -154,6 +156,7 @@ impl FrontDoor {
             audit,
             max_file_size,
             ssh: Arc::new(ssh),
+            connections: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -161,10 +164,15 @@ impl FrontDoor {
         self.users.current()
     }
 
-    /// Accepts connections until the listener fails.
-    pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+    /// Accepts connections until `stop` completes; the listener is closed when this returns.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
         loop {
-            let (socket, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stop => return,
+            };
+            let (socket, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: wait, do not spin or die.
@@ -176,7 +184,8 @@ impl FrontDoor {
             let ip = crate::config::canonical_ip(peer.ip());
             match self.guard.admit(ip, std::time::Instant::now()) {
                 Ok(ticket) => {
-                    tokio::spawn(self.clone().connection(socket, peer, ticket));
+                    self.connections
+                        .spawn(self.clone().connection(socket, peer, ticket));
                 }
                 Err(refusal) => {
                     drop(socket);
@@ -192,6 +201,16 @@ impl FrontDoor {
                     );
                 }
             }
+        }
+    }
+
+    /// Waits up to `drain` for the open connections (and their uploads) to end, once [`FrontDoor::run`]
+    /// has returned. Returns how many were still open when the time ran out.
+    pub async fn drain(&self, drain: Duration) -> usize {
+        self.connections.close();
+        match tokio::time::timeout(drain, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.connections.len(),
         }
     }
 

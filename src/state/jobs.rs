@@ -17,7 +17,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::{NewAlert, State, StateError, now};
 
@@ -189,7 +189,7 @@ pub(super) fn later_ms(after: Duration) -> i64 {
     now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn job_from_row(row: &SqliteRow) -> Result<Job, StateError> {
+fn job_from_row(row: &AnyRow) -> Result<Job, StateError> {
     let state: String = row.try_get("state")?;
     let verdict: Option<String> = row.try_get("verdict")?;
     let signature: Option<String> = row.try_get("signature")?;
@@ -436,20 +436,52 @@ impl State {
     /// Claims the next job that needs work and whose lease is free, for `owner`, until `lease` passes.
     pub async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StateError> {
         let now = now_ms();
-        let row = sqlx::query(concat!(
-            "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE id = (\
-             SELECT id FROM jobs WHERE state IN ",
-            open_states!(),
-            " AND next_attempt_at <= $3 AND (lease_owner IS NULL OR lease_until < $3) \
-             ORDER BY next_attempt_at, id LIMIT 1) RETURNING ",
-            columns!()
-        ))
+        // On PostgreSQL, nodes claiming at once skip each other's candidate rows instead of queueing.
+        macro_rules! claim {
+            ($lock:literal) => {
+                concat!(
+                    "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE id = (\
+                     SELECT id FROM jobs WHERE state IN ",
+                    open_states!(),
+                    " AND next_attempt_at <= $3 AND (lease_owner IS NULL OR lease_until < $3) \
+                     ORDER BY next_attempt_at, id LIMIT 1",
+                    $lock,
+                    ") RETURNING ",
+                    columns!()
+                )
+            };
+        }
+        let row = sqlx::query(
+            self.dialect
+                .pick(claim!(""), claim!(" FOR UPDATE SKIP LOCKED")),
+        )
         .bind(owner)
         .bind(later_ms(lease))
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Gives up every job and alert lease whose owner starts with one of `owners` (a stopping node's
+    /// workers), so that other nodes take the work at once. Returns how many were released.
+    pub async fn release_leases(&self, owners: &[&str]) -> Result<u64, StateError> {
+        let mut released = 0;
+        for owner in owners {
+            for query in [
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
+                 WHERE substr(lease_owner, 1, length($1)) = $1",
+                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL \
+                 WHERE substr(lease_owner, 1, length($1)) = $1",
+            ] {
+                released += sqlx::query(query)
+                    .bind(*owner)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        Ok(released)
     }
 
     /// Extends a lease still held by `owner`; `false` if it was lost.

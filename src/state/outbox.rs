@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::jobs::{later_ms, now_ms};
 use super::{State, StateError, now};
@@ -38,7 +38,7 @@ pub struct Alert {
     pub attempts: u32,
 }
 
-fn alert_from_row(row: &SqliteRow) -> Result<Alert, StateError> {
+fn alert_from_row(row: &AnyRow) -> Result<Alert, StateError> {
     Ok(Alert {
         id: row.try_get("id")?,
         event_id: row.try_get("event_id")?,
@@ -53,7 +53,7 @@ fn alert_from_row(row: &SqliteRow) -> Result<Alert, StateError> {
 impl State {
     /// Inserts alerts inside an open transaction (the one recording the outcome).
     pub(crate) async fn insert_alerts(
-        tx: &mut sqlx::SqliteConnection,
+        tx: &mut sqlx::AnyConnection,
         alerts: &[NewAlert],
     ) -> Result<(), StateError> {
         let created = now();
@@ -91,11 +91,20 @@ impl State {
         limit: u32,
     ) -> Result<Vec<Alert>, StateError> {
         let now = now_ms();
+        macro_rules! claim {
+            ($lock:literal) => {
+                concat!(
+                    "UPDATE outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+                     SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
+                     AND (lease_owner IS NULL OR lease_until < $3) ORDER BY id LIMIT $4",
+                    $lock,
+                    ") RETURNING id, event_id, channel, target, kind, payload, attempts"
+                )
+            };
+        }
         let rows = sqlx::query(
-            "UPDATE outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (\
-             SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
-             AND (lease_owner IS NULL OR lease_until < $3) ORDER BY id LIMIT $4) \
-             RETURNING id, event_id, channel, target, kind, payload, attempts",
+            self.dialect
+                .pick(claim!(""), claim!(" FOR UPDATE SKIP LOCKED")),
         )
         .bind(owner)
         .bind(later_ms(lease))

@@ -7,7 +7,7 @@
 //! only through `record_upload_with_alerts`, which deletes it in the same transaction.
 
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::jobs::now_ms;
 use super::{State, StateError, now};
@@ -55,7 +55,7 @@ macro_rules! from_partials {
     };
 }
 
-fn partial_from_row(row: &SqliteRow) -> Result<Partial, StateError> {
+fn partial_from_row(row: &AnyRow) -> Result<Partial, StateError> {
     Ok(Partial {
         id: row.try_get("id")?,
         username: row.try_get("username")?,
@@ -299,7 +299,7 @@ impl State {
 
     /// Deletes `writer`'s partial of a path inside a transaction that completes the upload.
     pub(super) async fn complete_partial(
-        tx: &mut sqlx::SqliteConnection,
+        tx: &mut sqlx::AnyConnection,
         username: &str,
         path: &str,
         writer: &str,

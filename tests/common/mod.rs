@@ -50,6 +50,53 @@ fn peer_found(found: bool, missing: &str, test: &str) -> bool {
     found
 }
 
+/// The PostgreSQL server of this test run (`scripts/test` starts one), for tests that need it.
+pub fn require_postgres(test: &str) -> Option<String> {
+    let url = std::env::var("INGESTION_TEST_POSTGRES").ok();
+    peer_found(
+        url.is_some(),
+        "no PostgreSQL server (INGESTION_TEST_POSTGRES is not set)",
+        test,
+    )
+    .then_some(url)
+    .flatten()
+}
+
+/// Creates a database with a random name on the PostgreSQL server at `url`; returns its URL.
+pub fn fresh_postgres_database(url: &str) -> String {
+    use sqlx::{Connection, Executor};
+    let name = format!(
+        "test_{}",
+        ingestion::storage::hex(&rand::random::<[u8; 8]>())
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut connection = sqlx::postgres::PgConnection::connect(url).await.unwrap();
+        connection
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+    });
+    let mut fresh = url::Url::parse(url).unwrap();
+    fresh.set_path(&name);
+    fresh.to_string()
+}
+
+/// The state database for a new test server: SQLite in its folder, or a fresh PostgreSQL database
+/// when the run asks for one (`INGESTION_TEST_STATE=postgres`, `scripts/test`'s second pass).
+fn test_database(dir: &Path) -> ingestion::config::Database {
+    if std::env::var("INGESTION_TEST_STATE").is_ok_and(|v| v == "postgres") {
+        let server = require_postgres("INGESTION_TEST_STATE=postgres")
+            .expect("INGESTION_TEST_STATE=postgres needs INGESTION_TEST_POSTGRES");
+        ingestion::config::Database::Postgres {
+            url: fresh_postgres_database(&server),
+        }
+    } else {
+        ingestion::config::Database::Sqlite {
+            path: dir.join("state/ingestion.db"),
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -166,6 +213,7 @@ pub struct Server {
     pub port: u16,
     pub child: Child,
     pub landing: Landing,
+    pub database: ingestion::config::Database,
 }
 
 impl Server {
@@ -182,9 +230,28 @@ impl Server {
         landing: Landing,
         env: &[(&str, &str)],
     ) -> Server {
+        Server::launch_with(users, extra_server, sections, landing, env, None)
+    }
+
+    /// [`Server::launch`] with its state in `database` (default: see `test_database`).
+    pub fn launch_with(
+        users: &[UserSpec],
+        extra_server: &str,
+        sections: &str,
+        landing: Landing,
+        env: &[(&str, &str)],
+        database: Option<ingestion::config::Database>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("users")).unwrap();
         let port = free_port();
+        let database = database.unwrap_or_else(|| test_database(dir.path()));
+        let state_section = match &database {
+            ingestion::config::Database::Postgres { url } => {
+                format!("[state]\ndatabase = \"{url}\"\n")
+            }
+            ingestion::config::Database::Sqlite { .. } => String::new(),
+        };
         let (landing_url, quarantine_url) = match &landing {
             Landing::Local => (
                 "buckets/landing".to_string(),
@@ -199,7 +266,7 @@ impl Server {
             dir.path().join("ingestion.toml"),
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n{extra_server}\n[buckets]\nlanding = \"{landing_url}\"\n\
-                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n{sections}"
+                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n{state_section}{sections}"
             ),
         )
         .unwrap();
@@ -247,6 +314,7 @@ impl Server {
             port,
             child,
             landing,
+            database,
         };
         server.wait_ready();
         server
@@ -256,6 +324,48 @@ impl Server {
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Another node of the same service: its own folder, port and audit log, the same users, host
+    /// key, state database and buckets (so the database must be PostgreSQL and the buckets S3).
+    pub fn second_node(&self, env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("users")).unwrap();
+        for entry in std::fs::read_dir(self.dir.path().join("users")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(
+                entry.path(),
+                dir.path().join("users").join(entry.file_name()),
+            )
+            .unwrap();
+        }
+        let port = free_port();
+        let config = std::fs::read_to_string(self.dir.path().join("ingestion.toml"))
+            .unwrap()
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!(
+                    "listen = \"127.0.0.1:{port}\"\nhost_key_dir = \"{}\"",
+                    self.dir.path().join("state/host_keys").display()
+                ),
+            );
+        std::fs::write(dir.path().join("ingestion.toml"), config).unwrap();
+        let child = spawn_server(dir.path(), &self.landing, env);
+        let mut node = Server {
+            dir,
+            port,
+            child,
+            landing: self.landing.clone(),
+            database: self.database.clone(),
+        };
+        node.wait_ready();
+        node
+    }
+
+    /// Sends SIGTERM (a graceful stop).
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     }
 
     /// Starts the server again on the same folders and port.
@@ -353,11 +463,8 @@ impl Server {
         &self,
         query: impl FnOnce(ingestion::state::State) -> F,
     ) -> T {
-        let database = ingestion::config::Database::Sqlite {
-            path: self.dir.path().join("state/ingestion.db"),
-        };
         tokio::runtime::Runtime::new().unwrap().block_on(async {
-            query(ingestion::state::State::open(&database).await.unwrap()).await
+            query(ingestion::state::State::open(&self.database).await.unwrap()).await
         })
     }
 

@@ -1,0 +1,211 @@
+//! Several nodes and graceful stops: two nodes sharing PostgreSQL and S3 (moto) with one killed by
+//! SIGKILL while it holds leases, and a SIGTERM that lets an upload under way finish.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+use ingestion::state::JobState;
+
+fn keys(test: &str) -> Option<(tempfile::TempDir, Key)> {
+    for program in ["sftp", "ssh-keygen", "python3"] {
+        if !require(program, test) {
+            return None;
+        }
+    }
+    let files = tempfile::tempdir().unwrap();
+    let key = keygen(files.path(), "acme_key", &["-t", "ed25519"]);
+    Some((files, key))
+}
+
+#[test]
+fn sigterm_lets_an_upload_under_way_finish_then_exits_cleanly() {
+    let test = "sigterm_lets_an_upload_under_way_finish_then_exits_cleanly";
+    let Some((files, key)) = keys(test) else {
+        return;
+    };
+    let mut server = Server::start(
+        &[UserSpec::new("acme", &key)],
+        "drain_time = \"60s\"",
+        Landing::Local,
+    );
+    let file = files.path().join("slow.bin");
+    random_file(&file, 3 << 20, 31);
+    // 3 MiB at 4 Mbit/s: about six seconds in flight.
+    let upload = server.sftp_spawn(
+        "acme",
+        &key,
+        &format!("put {} slow.bin\n", file.display()),
+        &["-l", "4000"],
+    );
+    wait_until(30, "the upload under way", || {
+        server.events("open").first().cloned()
+    });
+    server.terminate();
+    wait_until(10, "the stop announced", || {
+        server.events("service_stopping").first().cloned()
+    });
+    // No new logins while draining: the listener is closed.
+    wait_until(10, "the listener closed", || {
+        std::net::TcpStream::connect(("127.0.0.1", server.port))
+            .is_err()
+            .then_some(())
+    });
+    let finished = upload.wait_with_output().unwrap();
+    assert_success(&finished, "the upload under way when SIGTERM came");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}\n{}", server.log());
+    let close = server.events("close");
+    assert_eq!(close.len(), 1, "{close:?}");
+    assert_eq!(close[0]["sha256"], sha256_file(&file));
+    let stopped = server.events("service_stopped");
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    assert_eq!(stopped[0]["connections_cut"], 0);
+    assert_eq!(server.jobs().len(), 1);
+    assert_eq!(
+        server.landed("acme", "slow.bin"),
+        Some(std::fs::read(&file).unwrap())
+    );
+}
+
+/// Webhook alerts received, by event id, for files (paths) announced as delivered.
+fn delivered_alerts(receiver: &Receiver) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by_path: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for call in receiver.requests("/hook") {
+        let facts: serde_json::Value =
+            serde_json::from_str(call["body"].as_str().unwrap()).unwrap();
+        if facts["event"] == "delivered" {
+            by_path
+                .entry(facts["path"].as_str().unwrap().to_string())
+                .or_default()
+                .insert(facts["event_id"].as_str().unwrap().to_string());
+        }
+    }
+    by_path
+}
+
+#[test]
+fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
+    let test = "two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing";
+    let Some((files, key)) = keys(test) else {
+        return;
+    };
+    let Some(postgres) = require_postgres(test) else {
+        return;
+    };
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
+        return;
+    }
+    let database = ingestion::config::Database::Postgres {
+        url: fresh_postgres_database(&postgres),
+    };
+    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    let buckets = Buckets::S3(&moto);
+    let receiver = Receiver::start(&[]);
+    let mut user = UserSpec::new("acme", &key);
+    user.destination = buckets.destination("acme");
+    user.extra = format!(
+        "notify_webhook = {{ url = \"{}\" }}\n",
+        receiver.url("/hook")
+    );
+    let sections = "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"2s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n";
+    // Node A stops after copying each file, before removing it from landing, holding its lease.
+    let mut node_a = Server::launch_with(
+        &[user],
+        "",
+        sections,
+        buckets.landing(),
+        &[("INGESTION_FAILPOINT", "pause-after-copy")],
+        Some(database),
+    );
+    let node_b = node_a.second_node(&[]);
+    let fingerprints: Vec<_> = [&node_a, &node_b]
+        .iter()
+        .map(|node| node.events("service_started")[0]["host_key_fingerprint"].clone())
+        .collect();
+    assert_eq!(
+        fingerprints[0], fingerprints[1],
+        "both nodes show one host key"
+    );
+
+    let mut scripts = [String::new(), String::new()];
+    for index in 0..100 {
+        let local = files.path().join(format!("file-{index:03}.csv"));
+        random_file(&local, 64 << 10, 100 + index);
+        scripts[index as usize % 2]
+            .push_str(&format!("put {} file-{index:03}.csv\n", local.display()));
+    }
+    let uploads: Vec<_> = [&node_a, &node_b]
+        .iter()
+        .zip(&scripts)
+        .map(|(node, script)| node.sftp_spawn("acme", &key, script, &[]))
+        .collect();
+    for upload in uploads {
+        assert_success(
+            &upload.wait_with_output().unwrap(),
+            "50 uploads to one node",
+        );
+    }
+    // Node A holds leases on jobs it copied and will never finish.
+    node_b.wait_for_jobs(60, "node A holding copied jobs", |jobs| {
+        jobs.iter()
+            .any(|job| job.copied_at.is_some() && job.state != JobState::Delivered)
+    });
+    node_a.kill9();
+
+    let jobs = node_b.wait_for_jobs(120, "every file delivered by node B", |jobs| {
+        jobs.len() == 100 && jobs.iter().all(|job| job.state == JobState::Delivered)
+    });
+    let paths: BTreeSet<_> = jobs.iter().map(|job| job.path.clone()).collect();
+    assert_eq!(paths.len(), 100, "one job per file");
+    let expected: Vec<String> = (0..100)
+        .map(|index| format!("file-{index:03}.csv"))
+        .collect();
+    assert_eq!(
+        buckets.delivered(&node_b),
+        expected,
+        "each file exactly once"
+    );
+    for index in [0, 1, 42, 99] {
+        let name = format!("file-{index:03}.csv");
+        let local = std::fs::read(files.path().join(&name)).unwrap();
+        assert!(
+            buckets.delivered_bytes(&node_b, &name).unwrap() == local,
+            "{name} differs"
+        );
+    }
+    wait_until(30, "landing emptied", || {
+        node_b.landing_listing().is_empty().then_some(())
+    });
+    // A file delivered twice would show two delivery events across the two audit logs.
+    let mut deliveries: BTreeMap<i64, usize> = BTreeMap::new();
+    for event in node_a
+        .events("delivered")
+        .iter()
+        .chain(&node_b.events("delivered"))
+    {
+        *deliveries
+            .entry(event["job"].as_i64().unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(deliveries.len(), 100);
+    assert!(
+        deliveries.values().all(|count| *count == 1),
+        "{deliveries:?}"
+    );
+    // Alerts: at least once, and a repeat carries the same event id.
+    let alerts = wait_until(60, "100 delivery alerts", || {
+        let alerts = delivered_alerts(&receiver);
+        (alerts.len() == 100).then_some(alerts)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(delivered_alerts(&receiver), alerts);
+    assert!(
+        alerts.values().all(|ids| ids.len() == 1),
+        "one event id per delivered file: {alerts:?}"
+    );
+}
