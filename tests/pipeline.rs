@@ -645,3 +645,69 @@ fn the_same_name_twice_overwrites_or_gets_a_suffix() {
         assert_eq!(delivered, expected, "{sections}");
     }
 }
+
+/// The server is killed with SIGKILL in the middle of copying a file to its destination; after a
+/// restart the file is delivered once, and the cut-off copy's parts are gone from the destination.
+fn crash_mid_copy(test: &str, buckets: Buckets) {
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let mut user = UserSpec::new("acme", &setup.key);
+    user.destination = buckets.destination("acme");
+    let mut server = Server::launch(
+        &[user],
+        "",
+        "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"2s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n",
+        buckets.landing(),
+        &[("INGESTION_FAILPOINT", "pause-mid-copy")],
+    );
+    let big = setup.files.path().join("big.bin");
+    random_file(&big, 40 << 20, 41);
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} big.bin\n", big.display()),
+        ),
+        "upload",
+    );
+    server.wait_for_jobs(60, "a copy under way", |jobs| {
+        jobs.len() == 1 && jobs[0].copy_upload.is_some()
+    });
+    server.kill9();
+    let stray = |entry: &String| entry.starts_with("MULTIPART ") || entry.contains('#');
+    let destination = match &buckets {
+        Buckets::Local => server.files_in("buckets/delivered/acme"),
+        Buckets::S3(moto) => s3_keys(&moto.endpoint, "team-bucket"),
+    };
+    assert!(destination.iter().any(stray), "{destination:?}");
+
+    server.restart(&[]);
+    let jobs = server.wait_for_jobs(60, "delivery after the restart", |jobs| all_final(jobs, 1));
+    assert_eq!(jobs[0].state, JobState::Delivered);
+    assert_eq!(jobs[0].copy_upload, None);
+    assert_eq!(buckets.delivered(&server), ["big.bin"]);
+    if let Buckets::S3(moto) = &buckets {
+        let keys = s3_keys(&moto.endpoint, "team-bucket");
+        assert!(!keys.iter().any(stray), "{keys:?}");
+    }
+    assert!(
+        buckets.delivered_bytes(&server, "big.bin").unwrap() == std::fs::read(&big).unwrap(),
+        "the delivered bytes differ"
+    );
+}
+
+#[test]
+fn a_crash_mid_copy_leaves_no_parts_behind() {
+    crash_mid_copy("a_crash_mid_copy_leaves_no_parts_behind", Buckets::Local);
+}
+
+#[test]
+fn a_crash_mid_copy_leaves_no_parts_behind_on_s3() {
+    let test = "a_crash_mid_copy_leaves_no_parts_behind_on_s3";
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
+        return;
+    }
+    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    crash_mid_copy(test, Buckets::S3(&moto));
+}

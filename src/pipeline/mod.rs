@@ -94,9 +94,19 @@ pub struct Pipeline {
     /// Held upload names, and how long they may sit before being processed anyway.
     temporary_names: crate::config::TemporaryNames,
     on_conflict: crate::config::OnConflict,
-    /// Test hook (`INGESTION_FAILPOINT=pause-after-copy`): stop for good between copy and delete, so
-    /// that a test can kill the process there.
-    pause_after_copy: bool,
+    /// Test hook (`INGESTION_FAILPOINT`) for a test that kills the process at that point.
+    failpoint: Failpoint,
+}
+
+/// Where a test asks the pipeline to stop for good (`INGESTION_FAILPOINT`), so that it can kill the
+/// process there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failpoint {
+    None,
+    /// `pause-after-copy`: between the copy to the destination and the delete from landing.
+    PauseAfterCopy,
+    /// `pause-mid-copy`: once the copy has stored its first part.
+    PauseMidCopy,
 }
 
 impl Pipeline {
@@ -129,8 +139,11 @@ impl Pipeline {
             operators,
             temporary_names,
             on_conflict,
-            pause_after_copy: std::env::var("INGESTION_FAILPOINT")
-                .is_ok_and(|v| v == "pause-after-copy"),
+            failpoint: match std::env::var("INGESTION_FAILPOINT").as_deref() {
+                Ok("pause-after-copy") => Failpoint::PauseAfterCopy,
+                Ok("pause-mid-copy") => Failpoint::PauseMidCopy,
+                _ => Failpoint::None,
+            },
         }
     }
 

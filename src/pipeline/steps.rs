@@ -10,6 +10,8 @@ use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 use sha2::{Digest, Sha256};
 
+use super::Failpoint;
+
 use super::{Pipeline, StepError};
 use crate::audit::{Event, Subject};
 use crate::state::{Job, JobState, Verdict};
@@ -157,14 +159,23 @@ impl Pipeline {
             }
         };
         let url = object_url(&target, &key);
+        if let Some(abandoned) = &job.copy_upload {
+            // A copy cut short by a crash (or a lost lease): discard its parts before starting over.
+            if let Err(error) = target.abort_multipart(&key, abandoned).await {
+                tracing::warn!(job = job.id, %error, "cannot abort the multipart upload of an abandoned copy");
+            }
+            if !self.state.record_copy_upload(job.id, owner, None).await? {
+                return Err(StepError::LeaseLost);
+            }
+        }
         match self.landing.store().get(&landing_key).await {
             Ok(object) => {
                 let copied = object.meta.clone();
-                self.copy(job, object, &target, key.clone()).await?;
+                self.copy(job, owner, object, &target, key.clone()).await?;
                 if !self.state.record_copied(job.id, owner, &url).await? {
                     return Err(StepError::LeaseLost);
                 }
-                if self.pause_after_copy {
+                if self.failpoint == Failpoint::PauseAfterCopy {
                     tracing::warn!(
                         job = job.id,
                         "failpoint pause-after-copy: stopping before the delete"
@@ -250,6 +261,7 @@ impl Pipeline {
     async fn copy(
         &self,
         job: &Job,
+        owner: &str,
         object: object_store::GetResult,
         target: &Bucket,
         key: ObjectPath,
@@ -285,6 +297,7 @@ impl Pipeline {
         }
         let mut stream = object.into_stream();
         let mut offset = 0u64;
+        let mut recorded: Option<String> = None;
         loop {
             let chunk = match stream.try_next().await {
                 Ok(Some(chunk)) => chunk,
@@ -300,6 +313,25 @@ impl Pipeline {
                 return Err(error.into());
             }
             offset += length;
+            // A multipart upload is recorded the moment it exists, so that a node that dies mid-copy
+            // leaves a record for whoever takes the job over (see `route`).
+            if let Some(progress) = upload.take_progress()
+                && recorded.as_deref() != Some(progress.multipart_id.as_str())
+            {
+                if !self
+                    .state
+                    .record_copy_upload(job.id, owner, Some(&progress.multipart_id))
+                    .await?
+                {
+                    upload.abort().await;
+                    return Err(StepError::LeaseLost);
+                }
+                recorded = Some(progress.multipart_id);
+                if self.failpoint == Failpoint::PauseMidCopy {
+                    tracing::warn!(job = job.id, "failpoint pause-mid-copy: stopping mid-copy");
+                    std::future::pending::<()>().await;
+                }
+            }
         }
         upload.finish().await?;
         Ok(())

@@ -32,7 +32,7 @@ macro_rules! open_states {
 macro_rules! columns {
     () => {
         "id, username, path, size, sha256, state, session, received_at, updated_at, attempts, \
-         last_error, verdict, signature, engine, scanned_at, scan_ms, routed_to, copied_at, finished_at, route_key"
+         last_error, verdict, signature, engine, scanned_at, scan_ms, routed_to, copied_at, finished_at, route_key, copy_upload"
     };
 }
 
@@ -144,6 +144,8 @@ pub struct Job {
     pub routed_to: Option<String>,
     /// The object key chosen for routing, kept so that a retry writes to the same place.
     pub route_key: Option<String>,
+    /// The multipart upload of a copy under way (to `route_key` in the job's target).
+    pub copy_upload: Option<String>,
     pub copied_at: Option<String>,
     pub finished_at: Option<String>,
 }
@@ -221,6 +223,7 @@ fn job_from_row(row: &AnyRow) -> Result<Job, StateError> {
         scan_ms: row.try_get("scan_ms")?,
         routed_to: row.try_get("routed_to")?,
         route_key: row.try_get("route_key")?,
+        copy_upload: row.try_get("copy_upload")?,
         copied_at: row.try_get("copied_at")?,
         finished_at: row.try_get("finished_at")?,
     })
@@ -543,6 +546,24 @@ impl State {
     }
 
     /// Notes that the file was copied to `routed_to` (before the landing copy is deleted).
+    /// Records (or, with `None`, forgets) the multipart upload of the copy `owner` is making;
+    /// `false` if the lease was lost.
+    pub async fn record_copy_upload(
+        &self,
+        id: i64,
+        owner: &str,
+        upload: Option<&str>,
+    ) -> Result<bool, StateError> {
+        let result =
+            sqlx::query("UPDATE jobs SET copy_upload = $1 WHERE id = $2 AND lease_owner = $3")
+                .bind(upload)
+                .bind(id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     pub async fn record_copied(
         &self,
         id: i64,
@@ -551,7 +572,8 @@ impl State {
     ) -> Result<bool, StateError> {
         let now = now();
         let result = sqlx::query(
-            "UPDATE jobs SET routed_to = $1, copied_at = $2, updated_at = $2 WHERE id = $3 AND lease_owner = $4",
+            "UPDATE jobs SET routed_to = $1, copied_at = $2, updated_at = $2, copy_upload = NULL \
+             WHERE id = $3 AND lease_owner = $4",
         )
         .bind(routed_to)
         .bind(&now)

@@ -97,6 +97,10 @@ ALTER TABLE jobs ADD COLUMN stuck_alerted_at TEXT;
 /// The object key a job is routed to, chosen once before copying (for `on_conflict = "suffix"`).
 const SCHEMA_V4: &str = "ALTER TABLE jobs ADD COLUMN route_key TEXT;";
 
+/// The multipart upload of a copy to a destination under way, so that whoever takes the job over
+/// after a crash aborts it instead of leaving it in the team's bucket.
+const SCHEMA_V6: &str = "ALTER TABLE jobs ADD COLUMN copy_upload TEXT;";
+
 /// Interrupted uploads and the parts they stored (`partials.rs`).
 const SCHEMA_V5: &str = r#"
 CREATE TABLE partials (
@@ -126,16 +130,17 @@ CREATE TABLE partial_parts (
 "#;
 
 /// The SQLite schema, one migration each.
-const SQLITE_SCHEMA: [(&str, &str); 5] = [
+const SQLITE_SCHEMA: [(&str, &str); 6] = [
     ("jobs and folders", SCHEMA_V1),
     ("pipeline leases and verdicts", SCHEMA_V2),
     ("notification outbox", SCHEMA_V3),
     ("route keys", SCHEMA_V4),
     ("interrupted uploads", SCHEMA_V5),
+    ("copies under way", SCHEMA_V6),
 ];
 
 /// The same schema for PostgreSQL: 64-bit integers and identity columns, `BYTEA` for bytes.
-const POSTGRES_SCHEMA: [(&str, &str); 5] = [
+const POSTGRES_SCHEMA: [(&str, &str); 6] = [
     (
         "jobs and folders",
         r#"
@@ -234,6 +239,7 @@ CREATE TABLE partial_parts (
 );
 "#,
     ),
+    ("copies under way", SCHEMA_V6),
 ];
 
 /// The SQLite file, created if missing (with its folder).

@@ -136,6 +136,8 @@ pub struct Upload {
     progress: Vec<StoredPart>,
     /// A resumed upload's first write must start here.
     resumed_at: Option<u64>,
+    /// Whether [`Upload::take_progress`] has reported the multipart upload.
+    multipart_reported: bool,
     failed: Option<String>,
     /// Stored with the object (S3 metadata and tags).
     tags: TagSet,
@@ -168,6 +170,7 @@ impl Upload {
             in_flight: VecDeque::new(),
             progress: Vec::new(),
             resumed_at: None,
+            multipart_reported: false,
             failed: None,
             tags: TagSet::default(),
             attributes: Attributes::new(),
@@ -201,6 +204,7 @@ impl Upload {
                 "parts without a multipart upload".into(),
             ));
         }
+        self.multipart_reported = resume.multipart_id.is_some();
         self.multipart = resume.multipart_id;
         self.parts = resume
             .parts
@@ -393,11 +397,15 @@ impl Upload {
     }
 
     /// Parts stored since the last call, if any, for a caller that records them so that the upload
-    /// can be resumed.
+    /// can be resumed. A multipart upload just started is reported at once, before its first part
+    /// is stored, so that a record of it exists if this process dies: nothing unrecorded is left
+    /// behind in the store.
     pub fn take_progress(&mut self) -> Option<Progress> {
-        if self.progress.is_empty() {
+        let new_multipart = self.multipart.is_some() && !self.multipart_reported;
+        if self.progress.is_empty() && !new_multipart {
             return None;
         }
+        self.multipart_reported = true;
         Some(Progress {
             multipart_id: self.multipart.clone().unwrap_or_default(),
             parts: std::mem::take(&mut self.progress),
