@@ -50,10 +50,17 @@ pub fn load_or_generate(dir: &Path) -> Result<PrivateKey, HostKeyError> {
             source,
         })?;
     let key = generate_ed25519()?;
-    write_private_key(&path, &key).map_err(|source| HostKeyError::Write {
-        path: path.clone(),
-        source,
-    })?;
+    match write_private_key(&path, &key) {
+        Ok(()) => {}
+        // Another node sharing the folder generated one first: everyone uses that one.
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return load(&path),
+        Err(source) => {
+            return Err(HostKeyError::Write {
+                path: path.clone(),
+                source,
+            });
+        }
+    }
     tracing::info!(path = %path.display(), fingerprint = %fingerprint(&key), "generated a new host key");
     Ok(key)
 }
@@ -97,17 +104,30 @@ pub fn generate_ed25519() -> Result<PrivateKey, HostKeyError> {
 
 /// Writes a private key in OpenSSH format with mode 0600 (never wider, not even briefly) and its
 /// `.pub` beside it.
+/// Writes a new private key file (mode 0600) and its `.pub`. The file appears whole or not at all
+/// (written aside, then linked into place), and never replaces one that exists: that fails with
+/// `AlreadyExists`, so nodes starting together on a shared folder agree on one key.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
     let text = key
         .to_openssh(LineEnding::LF)
         .map_err(|error| std::io::Error::other(error.to_string()))?;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(
+        ".new-{}",
+        crate::storage::hex(&rand::random::<[u8; 6]>())
+    ));
+    let aside = PathBuf::from(aside);
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
+        .open(&aside)?;
+    let linked = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::hard_link(&aside, path));
+    let _ = std::fs::remove_file(&aside);
+    linked?;
     let public = key
         .public_key()
         .to_openssh()
@@ -138,6 +158,27 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(keys.join("ssh_host_ed25519_key.pub").exists());
+    }
+
+    #[test]
+    fn nodes_starting_together_on_a_shared_folder_agree_on_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("shared/host_keys");
+        let fingerprints: Vec<String> = std::thread::scope(|scope| {
+            let nodes: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| fingerprint(&load_or_generate(&keys).unwrap())))
+                .collect();
+            nodes.into_iter().map(|node| node.join().unwrap()).collect()
+        });
+        assert!(
+            fingerprints.iter().all(|f| *f == fingerprints[0]),
+            "{fingerprints:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&keys)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 
     #[test]
