@@ -370,8 +370,21 @@ fn files_in_landing_without_a_job_are_adopted_at_start() {
         .join("buckets/landing/acme/sub/orphan.csv");
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::write(&orphan, b"left behind\n").unwrap();
+    // Left by a crash ten minutes ago; a file stored seconds ago may still be being recorded by
+    // another node, and is left for a later pass.
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(600))
+        .unwrap();
+    let young = server.dir.path().join("buckets/landing/acme/young.csv");
+    std::fs::write(&young, b"just stored\n").unwrap();
     server.restart(&[]);
     let jobs = server.wait_for_jobs(30, "the orphan delivered", |jobs| all_final(jobs, 1));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(server.jobs().len(), 1, "the young file is not adopted yet");
+    assert!(young.exists());
     assert_eq!(jobs[0].session, "reconcile");
     assert_eq!(jobs[0].sha256.len(), 64);
     assert_eq!(

@@ -98,6 +98,11 @@ pub struct Pipeline {
     failpoint: Failpoint,
 }
 
+/// How old a file in landing without a job must be before it is adopted as an orphan.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(60);
+/// How often landing is checked for orphans while running.
+const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+
 /// Where a test asks the pipeline to stop for good (`INGESTION_FAILPOINT`), so that it can kill the
 /// process there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,9 +152,12 @@ impl Pipeline {
         }
     }
 
-    /// Gives a job to every file in landing that has none (a crash between storing a file and
-    /// recording it). Returns how many were adopted.
+    /// Gives a job to every file in landing that has none (a node died between storing a file and
+    /// recording it). Files younger than [`ORPHAN_GRACE`] are left for a later pass: another node may
+    /// be recording them right now. Returns how many were adopted.
     pub async fn reconcile(&self) -> Result<usize, StepError> {
+        let young = crate::state::now_ms()
+            .saturating_sub(i64::try_from(ORPHAN_GRACE.as_millis()).unwrap_or(i64::MAX));
         let prefix = self.landing.key::<&str>(&[]);
         let prefix_len = prefix.parts().count();
         let mut objects = self
@@ -158,6 +166,9 @@ impl Pipeline {
             .list((prefix_len > 0).then_some(&prefix));
         let mut adopted = 0;
         while let Some(object) = objects.try_next().await? {
+            if object.last_modified.timestamp_millis() > young {
+                continue;
+            }
             let parts: Vec<String> = object
                 .location
                 .parts()
@@ -196,18 +207,19 @@ impl Pipeline {
         Ok(adopted)
     }
 
-    /// Runs the workers forever.
     /// This process's name in lease owners: its workers are `<node>/worker-<n>`.
     pub fn node(&self) -> &str {
         &self.node
     }
 
+    /// Runs the workers forever.
     pub async fn run(self: Arc<Self>) {
         let mut workers = tokio::task::JoinSet::new();
         for index in 0..self.settings.workers.max(1) {
             workers.spawn(self.clone().worker(index));
         }
         workers.spawn(self.clone().release_idle_held_forever());
+        workers.spawn(self.clone().reconcile_forever());
         while workers.join_next().await.is_some() {}
     }
 
@@ -235,6 +247,22 @@ impl Pipeline {
     }
 
     /// Files left under a temporary name past the timeout are processed under that name.
+    /// Adopts orphans every [`RECONCILE_EVERY`], so that a file a dead node stored but never
+    /// recorded is processed by the nodes still running, not only at the next start.
+    async fn reconcile_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RECONCILE_EVERY).await;
+            match self.reconcile().await {
+                Ok(0) => {}
+                Ok(adopted) => {
+                    tracing::warn!(adopted, "files in landing had no job; they were given one");
+                    self.landed.notify_one();
+                }
+                Err(error) => tracing::warn!(%error, "cannot reconcile landing with the jobs"),
+            }
+        }
+    }
+
     async fn release_idle_held_forever(self: Arc<Self>) {
         let timeout = self.temporary_names.timeout;
         let period = (timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
