@@ -358,6 +358,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         audit,
         config.server.max_file_size,
         ssh_config(host_key, config.server.algorithms),
+        config.server.proxy_protocol_from.clone(),
     ));
     let mut pipeline_task = tokio::spawn(pipeline.clone().run());
     // Listen for SIGHUP before publishing the pid, so an early `ingestion reload` cannot kill us.

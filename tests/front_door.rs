@@ -635,3 +635,97 @@ fn an_address_that_keeps_failing_is_banned_while_others_log_in() {
         (server.events("auth_timeout").len() == 1).then_some(())
     });
 }
+
+/// Behind a load balancer that sends the PROXY protocol, the client's address (not the
+/// balancer's) is what allow-lists, bans and the audit log see; a trusted balancer's connection
+/// without a header is refused, and a silent health check is neither served nor counted.
+#[test]
+fn behind_a_proxy_protocol_balancer_the_client_address_counts() {
+    let test = "behind_a_proxy_protocol_balancer_the_client_address_counts";
+    let Some(setup) = setup(test) else { return };
+    if !require("python3", test) {
+        return;
+    }
+    let mut user = acme(&setup);
+    user.allowed_ips = vec!["203.0.113.0/24"];
+    let server = Server::start(
+        &[user],
+        "proxy_protocol_from = [\"127.0.0.1/32\"]",
+        Landing::Local,
+    );
+    let relay = |version: &str, client: &str| {
+        format!(
+            "ProxyCommand=python3 {}/tests/peers/proxy_relay.py 127.0.0.1 {} {version} {client}",
+            env!("CARGO_MANIFEST_DIR"),
+            server.port
+        )
+    };
+    let file = setup.keys.path().join("data.csv");
+    std::fs::write(&file, b"a,b\n").unwrap();
+    let script = format!("put {} data.csv\n", file.display());
+
+    // A health check: connect, close, nothing sent.
+    drop(std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap());
+    // Straight from the balancer's address, without a header: refused.
+    assert_failure(
+        &server.sftp("acme", &setup.acme, &script),
+        "no PROXY header",
+    );
+    let refused = wait_until(10, "the refusal audited", || {
+        server.events("connection_refused").first().cloned()
+    });
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("PROXY protocol header"),
+        "{refused}"
+    );
+    assert_eq!(
+        server.events("connection_refused").len(),
+        1,
+        "the health check is not refused"
+    );
+
+    for (version, client) in [("1", "203.0.113.7"), ("2", "203.0.113.8")] {
+        let output = server
+            .sftp_spawn(
+                "acme",
+                &setup.acme,
+                &script,
+                &["-o", &relay(version, client)],
+            )
+            .wait_with_output()
+            .unwrap();
+        assert_success(
+            &output,
+            &format!("upload through a version {version} header"),
+        );
+        let connected: Vec<_> = server
+            .events("auth_accepted")
+            .into_iter()
+            .filter(|event| event["ip"] == client)
+            .collect();
+        assert_eq!(connected.len(), 1, "{:?}", server.events("auth_accepted"));
+    }
+    // An address outside the user's allow-list, claimed through the balancer: refused.
+    let output = server
+        .sftp_spawn(
+            "acme",
+            &setup.acme,
+            &script,
+            &["-o", &relay("2", "198.51.100.9")],
+        )
+        .wait_with_output()
+        .unwrap();
+    assert_failure(&output, "a client outside the allow-list");
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|event| event["ip"] == "198.51.100.9" && event["event"] != "auth_accepted"),
+        "{:?}",
+        server.audit()
+    );
+    assert_eq!(server.jobs().len(), 2);
+}

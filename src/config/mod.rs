@@ -148,6 +148,8 @@ pub struct Server {
     pub partial_retention: Duration,
     /// On SIGTERM, how long open connections may go on before the process exits.
     pub drain_time: Duration,
+    /// Load balancers that send a PROXY protocol header with the client's address.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// Which SSH algorithms are offered.
@@ -297,6 +299,9 @@ struct RawLimits {
     penalty_max: Option<Spanned<String>>,
     /// Sessions one user may have open at once.
     max_sessions_per_user: Option<Spanned<i64>>,
+    /// Networks never banned, e.g. a load balancer's health checkers: ["10.0.0.0/24"].
+    #[serde(default)]
+    penalty_exempt: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -386,6 +391,9 @@ struct RawServer {
     partial_retention: Option<Spanned<String>>,
     /// On SIGTERM, how long uploads under way may go on before the process exits, e.g. "30s".
     drain_time: Option<Spanned<String>>,
+    /// Networks of load balancers whose connections start with a PROXY protocol header.
+    #[serde(default)]
+    proxy_protocol_from: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -596,6 +604,11 @@ impl Config {
             &raw.server.partial_retention,
             DEFAULT_PARTIAL_RETENTION,
         );
+        let proxy_protocol_from = cidr_list(
+            &mut report,
+            "server.proxy_protocol_from",
+            &raw.server.proxy_protocol_from,
+        );
         let drain_time = duration_field(
             &mut report,
             "server.drain_time",
@@ -674,6 +687,7 @@ impl Config {
                         algorithms,
                         partial_retention,
                         drain_time,
+                        proxy_protocol_from,
                     },
                     buckets: Buckets {
                         landing,
@@ -710,6 +724,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|_| format!("`{text}` is not a duration; write e.g. \"120s\", \"5m\" or \"1h\""))
+}
+
+/// A list of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`, or single addresses).
+fn cidr_list(
+    report: &mut FileReporter,
+    field: &str,
+    values: &[Spanned<String>],
+) -> Vec<ipnet::IpNet> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(index, cidr)| {
+            user::parse_cidr(cidr.get_ref())
+                .map_err(|message| {
+                    report.at(Some(cidr.span()), &format!("{field}[{index}]"), message);
+                })
+                .ok()
+        })
+        .collect()
 }
 
 fn duration_field(
@@ -911,6 +944,7 @@ fn parse_limits(raw: &RawLimits, report: &mut FileReporter) -> crate::sftp::guar
             &raw.max_sessions_per_user,
             defaults.max_sessions_per_user,
         ),
+        penalty_exempt: cidr_list(report, "limits.penalty_exempt", &raw.penalty_exempt),
     };
     if limits.auth_timeout < Duration::from_secs(1)
         && let Some(value) = &raw.auth_timeout

@@ -23,6 +23,8 @@ pub struct Limits {
     /// …up to this.
     pub penalty_max: Duration,
     pub max_sessions_per_user: usize,
+    /// Addresses never banned (a load balancer's health checks, a monitoring host).
+    pub penalty_exempt: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -35,6 +37,7 @@ impl Default for Limits {
             penalty_base: Duration::from_secs(30),
             penalty_max: Duration::from_secs(3600),
             max_sessions_per_user: 16,
+            penalty_exempt: Vec::new(),
         }
     }
 }
@@ -142,6 +145,8 @@ impl Guard {
             guard: self.clone(),
             ip,
             state: TicketState::Waiting,
+            spoke: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            admitted: now,
         })
     }
 
@@ -178,6 +183,9 @@ impl Guard {
         let mut inner = self.lock();
         Guard::leave_unauthenticated(&mut inner, ip);
         let limits = &self.limits;
+        if limits.penalty_exempt.iter().any(|net| net.contains(&ip)) {
+            return;
+        }
         let source = inner.sources.entry(ip).or_default();
         source.failures = source.failures.saturating_add(1);
         if source.failures >= limits.penalty_after {
@@ -198,15 +206,27 @@ enum TicketState {
     Done,
 }
 
-/// One admitted connection. Dropping it without logging in counts as a failure for its address.
+/// How long a connection may stay silent and still not count as a failure when it closes: a TCP
+/// health check or port probe closes at once, while a peer holding a place open does not.
+pub const SILENT_GRACE: Duration = Duration::from_secs(5);
+
+/// One admitted connection. Dropping it without logging in counts as a failure for its address,
+/// unless the peer never sent a byte and left within [`SILENT_GRACE`] (it tried nothing).
 #[derive(Debug)]
 pub struct Ticket {
     guard: Arc<Guard>,
     ip: IpAddr,
     state: TicketState,
+    spoke: Arc<std::sync::atomic::AtomicBool>,
+    admitted: Instant,
 }
 
 impl Ticket {
+    /// Set by the socket once the peer has sent something.
+    pub fn spoke(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.spoke.clone()
+    }
+
     /// The connection logged in as `username` (whose session slot is already taken): it no longer
     /// counts as unauthenticated, and its address's failures are forgiven.
     pub fn logged_in(&mut self, username: &str) {
@@ -243,7 +263,16 @@ impl Ticket {
     /// Ends the connection at `now`.
     pub fn finish(&mut self, now: Instant) {
         match std::mem::replace(&mut self.state, TicketState::Done) {
-            TicketState::Waiting => self.guard.penalise(self.ip, now),
+            TicketState::Waiting
+                if self.spoke.load(std::sync::atomic::Ordering::SeqCst)
+                    || now.saturating_duration_since(self.admitted) >= SILENT_GRACE =>
+            {
+                self.guard.penalise(self.ip, now);
+            }
+            TicketState::Waiting => {
+                let mut inner = self.guard.lock();
+                Guard::leave_unauthenticated(&mut inner, self.ip);
+            }
             TicketState::LoggedIn(username) => self.guard.close_session(&username),
             TicketState::Done => {}
         }
@@ -300,15 +329,42 @@ mod tests {
         drop(a1);
     }
 
+    /// A connection from `ip` that sent something and ended without logging in.
+    fn fail(guard: &Arc<Guard>, ip: IpAddr, now: Instant) {
+        let mut ticket = guard.admit(ip, now).unwrap();
+        ticket
+            .spoke()
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        ticket.finish(now);
+    }
+
+    #[test]
+    fn silent_connections_and_exempt_networks_are_never_banned() {
+        let mut exempt = limits();
+        exempt.penalty_exempt = vec!["10.0.0.0/8".parse().unwrap()];
+        let guard = Guard::new(exempt);
+        let now = Instant::now();
+        for _ in 0..10 {
+            // A TCP health check: connect, close, never a byte.
+            guard.admit(A, now).unwrap().finish(now);
+            fail(&guard, "10.1.2.3".parse().unwrap(), now);
+        }
+        assert!(guard.admit(A, now).is_ok());
+        assert!(guard.admit("10.1.2.3".parse().unwrap(), now).is_ok());
+        fail(&guard, A, now);
+        fail(&guard, A, now);
+        assert!(
+            guard.admit(A, now).is_err(),
+            "speaking and failing still counts"
+        );
+    }
+
     #[test]
     fn repeated_failures_ban_for_a_growing_time_and_a_login_forgives() {
         let guard = Guard::new(limits());
         let start = Instant::now();
-        guard.admit(A, start).unwrap().finish(start);
-        assert!(guard.admit(A, start).is_ok_and(|mut t| {
-            t.finish(start);
-            true
-        }));
+        fail(&guard, A, start);
+        fail(&guard, A, start);
         // Two failures: banned for 10 s.
         assert_eq!(
             guard.admit(A, start).unwrap_err(),
@@ -321,7 +377,7 @@ mod tests {
             "other addresses are unaffected"
         );
         let later = start + Duration::from_secs(11);
-        guard.admit(A, later).unwrap().finish(later);
+        fail(&guard, A, later);
         // Third failure: 20 s; fourth would be 40 s but is capped at 25 s.
         assert_eq!(
             guard.admit(A, later).unwrap_err(),
@@ -330,7 +386,7 @@ mod tests {
             }
         );
         let much_later = later + Duration::from_secs(21);
-        guard.admit(A, much_later).unwrap().finish(much_later);
+        fail(&guard, A, much_later);
         assert_eq!(
             guard.admit(A, much_later).unwrap_err(),
             Refusal::Banned {
@@ -342,7 +398,7 @@ mod tests {
         assert!(guard.open_session("acme"));
         ticket.logged_in("acme");
         ticket.finish(after);
-        guard.admit(A, after).unwrap().finish(after);
+        fail(&guard, A, after);
         assert!(
             guard.admit(A, after).is_ok(),
             "failures were forgiven by the login"

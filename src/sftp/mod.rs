@@ -9,6 +9,7 @@ pub mod fs;
 pub mod guard;
 pub mod partial;
 pub mod paths;
+mod proxy;
 mod server;
 mod session;
 

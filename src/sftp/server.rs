@@ -128,6 +128,8 @@ pub struct FrontDoor {
     ssh: Arc<russh::server::Config>,
     /// Every open connection, so that a shutdown can wait for them.
     connections: tokio_util::task::TaskTracker,
+    /// Load balancers whose connections start with a PROXY protocol header.
+    proxy_from: Vec<ipnet::IpNet>,
 }
 
 impl FrontDoor {
@@ -143,6 +145,7 @@ impl FrontDoor {
         audit: Arc<Audit>,
         max_file_size: u64,
         ssh: russh::server::Config,
+        proxy_from: Vec<ipnet::IpNet>,
     ) -> FrontDoor {
         FrontDoor {
             guard,
@@ -157,6 +160,7 @@ impl FrontDoor {
             max_file_size,
             ssh: Arc::new(ssh),
             connections: tokio_util::task::TaskTracker::new(),
+            proxy_from,
         }
     }
 
@@ -181,25 +185,51 @@ impl FrontDoor {
                     continue;
                 }
             };
-            let ip = crate::config::canonical_ip(peer.ip());
-            match self.guard.admit(ip, std::time::Instant::now()) {
-                Ok(ticket) => {
-                    self.connections
-                        .spawn(self.clone().connection(socket, peer, ticket));
-                }
-                Err(refusal) => {
-                    drop(socket);
+            self.connections.spawn(self.clone().admit(socket, peer));
+        }
+    }
+
+    /// Finds who is connecting (the PROXY protocol header, when `peer` is a trusted balancer),
+    /// then admits the connection past the pre-authentication limits, or refuses it.
+    async fn admit(self: Arc<Self>, mut socket: TcpStream, peer: SocketAddr) {
+        let balancer = crate::config::canonical_ip(peer.ip());
+        let peer = if self.proxy_from.iter().any(|net| net.contains(&balancer)) {
+            match super::proxy::read_header(&mut socket).await {
+                Ok(Some(client)) => client,
+                // The balancer's own health check: nothing to serve, nothing to count.
+                Ok(None) | Err(super::proxy::ProxyError::Closed) => return,
+                Err(error) => {
                     let subject = Subject {
-                        ip: Some(ip.to_string()),
+                        ip: Some(balancer.to_string()),
                         ..Subject::default()
                     };
                     self.audit.record(
                         &subject,
                         Event::ConnectionRefused {
-                            reason: refusal.to_string(),
+                            reason: error.to_string(),
                         },
                     );
+                    return;
                 }
+            }
+        } else {
+            peer
+        };
+        let ip = crate::config::canonical_ip(peer.ip());
+        match self.guard.admit(ip, std::time::Instant::now()) {
+            Ok(ticket) => self.connection(socket, peer, ticket).await,
+            Err(refusal) => {
+                drop(socket);
+                let subject = Subject {
+                    ip: Some(ip.to_string()),
+                    ..Subject::default()
+                };
+                self.audit.record(
+                    &subject,
+                    Event::ConnectionRefused {
+                        reason: refusal.to_string(),
+                    },
+                );
             }
         }
     }
@@ -224,6 +254,7 @@ impl FrontDoor {
             .record(&subject, Event::Connect { port: peer.port() });
         let subject = Arc::new(Mutex::new(subject));
         let logged_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticket_spoke = ticket.spoke();
         let handler = Connection {
             door: self.clone(),
             peer,
@@ -236,7 +267,7 @@ impl FrontDoor {
         };
         let timeout = self.guard.limits().auth_timeout;
         let started = std::time::Instant::now();
-        let socket = AuthDeadline::new(socket, logged_in.clone(), timeout);
+        let socket = AuthDeadline::new(socket, logged_in.clone(), timeout, ticket_spoke);
         let result = match russh::server::run_stream(self.ssh.clone(), socket, handler).await {
             Ok(running) => running.await,
             Err(error) => Err(error),
@@ -266,6 +297,8 @@ struct AuthDeadline<S> {
     inner: S,
     logged_in: Arc<std::sync::atomic::AtomicBool>,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Set once the peer has sent a byte (see `guard::Ticket`).
+    spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S> AuthDeadline<S> {
@@ -273,11 +306,13 @@ impl<S> AuthDeadline<S> {
         inner: S,
         logged_in: Arc<std::sync::atomic::AtomicBool>,
         timeout: Duration,
+        spoke: Arc<std::sync::atomic::AtomicBool>,
     ) -> AuthDeadline<S> {
         AuthDeadline {
             inner,
             logged_in,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            spoke,
         }
     }
 }
@@ -296,7 +331,12 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AuthDeadline<S> {
                 "authentication timed out",
             )));
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.spoke.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        read
     }
 }
 
