@@ -43,10 +43,15 @@ impl Onboarding {
             "Sid": "AllowAnalyticalPlatformIngestionService",
             "Effect": "Allow",
             "Principal": { "AWS": self.principal(environment) },
+            // Beyond the managed service's six: AbortMultipartUpload to discard a copy a crashed node
+            // left unfinished, ListBucket so that a missing object is a 404 and not a 403 (checked
+            // before delivering under a suffixed name).
             "Action": [
+                "s3:AbortMultipartUpload",
                 "s3:DeleteObject",
                 "s3:GetObject",
                 "s3:GetObjectAcl",
+                "s3:ListBucket",
                 "s3:PutObject",
                 "s3:PutObjectAcl",
                 "s3:PutObjectTagging"
@@ -61,7 +66,8 @@ impl Onboarding {
             "Sid": "AllowAnalyticalPlatformIngestionService",
             "Effect": "Allow",
             "Principal": { "AWS": self.principal(environment) },
-            "Action": ["kms:GenerateDataKey", "kms:Encrypt"],
+            // kms:Decrypt: S3 needs it for multipart uploads under SSE-KMS (files of 16 MiB or more).
+            "Action": ["kms:GenerateDataKey", "kms:Encrypt", "kms:Decrypt"],
             "Resource": "*"
         })
     }
@@ -355,7 +361,7 @@ mod tests {
             "arn:aws:iam::471112983409:role/transfer"
         );
         assert_eq!(bucket["Resource"][1], "arn:aws:s3:::mojap-land/*");
-        assert_eq!(bucket["Action"].as_array().unwrap().len(), 6);
+        assert_eq!(bucket["Action"].as_array().unwrap().len(), 8);
         assert!(
             onboarding
                 .bucket_statement("Bad_Bucket", Environment::Production)

@@ -357,8 +357,8 @@ fn policy_statements_match_the_onboarding_guide() {
             "Effect": "Allow",
             "Principal": { "AWS": format!("arn:aws:iam::{account}:role/transfer") },
             "Action": [
-                "s3:DeleteObject", "s3:GetObject", "s3:GetObjectAcl", "s3:PutObject", "s3:PutObjectAcl",
-                "s3:PutObjectTagging"
+                "s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:GetObjectAcl",
+                "s3:ListBucket", "s3:PutObject", "s3:PutObjectAcl", "s3:PutObjectTagging"
             ],
             "Resource": ["arn:aws:s3:::mojap-land", "arn:aws:s3:::mojap-land/*"]
         })
@@ -368,7 +368,7 @@ fn policy_statements_match_the_onboarding_guide() {
             "Sid": "AllowAnalyticalPlatformIngestionService",
             "Effect": "Allow",
             "Principal": { "AWS": format!("arn:aws:iam::{account}:role/transfer") },
-            "Action": ["kms:GenerateDataKey", "kms:Encrypt"],
+            "Action": ["kms:GenerateDataKey", "kms:Encrypt", "kms:Decrypt"],
             "Resource": "*"
         })
     };

@@ -209,3 +209,66 @@ fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
         "one event id per delivered file: {alerts:?}"
     );
 }
+
+#[test]
+fn an_upload_cut_at_the_end_of_the_drain_is_kept_and_resumed_after_the_restart() {
+    let test = "an_upload_cut_at_the_end_of_the_drain_is_kept_and_resumed_after_the_restart";
+    let Some((files, key)) = keys(test) else {
+        return;
+    };
+    let mut server = Server::start(
+        &[UserSpec::new("acme", &key)],
+        "drain_time = \"2s\"",
+        Landing::Local,
+    );
+    let file = files.path().join("long.bin");
+    random_file(&file, 60 << 20, 32);
+    // 60 MiB at 40 Mbit/s: about twelve seconds, far longer than the drain.
+    let upload = server.sftp_spawn(
+        "acme",
+        &key,
+        &format!("put {} long.bin\n", file.display()),
+        &["-l", "40000"],
+    );
+    wait_until(30, "the upload under way", || {
+        server
+            .partials()
+            .into_iter()
+            .find(|partial| partial.size >= 4 << 20)
+    });
+    server.terminate();
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}\n{}", server.log());
+    assert_failure(
+        &upload.wait_with_output().unwrap(),
+        "the upload cut by the stop",
+    );
+    let stopped = server.events("service_stopped");
+    assert_eq!(
+        stopped[0]["connections_cut"].as_u64().map(|n| n >= 1),
+        Some(true),
+        "{stopped:?}"
+    );
+    let interrupted = server.events("upload_interrupted");
+    assert_eq!(interrupted.len(), 1, "{:?}", server.audit());
+    let kept = interrupted[0]["bytes_stored"].as_u64().unwrap();
+    assert!((4 << 20..60 << 20).contains(&kept), "{kept}");
+    assert_eq!(server.partials()[0].size, kept);
+
+    server.restart(&[]);
+    let output = server.sftp(
+        "acme",
+        &key,
+        &format!("reput {} long.bin\n", file.display()),
+    );
+    assert_success(&output, "reput after the restart");
+    assert_eq!(
+        server.events("upload_resumed")[0]["from"].as_u64(),
+        Some(kept)
+    );
+    assert_eq!(
+        server.landed("acme", "long.bin"),
+        Some(std::fs::read(&file).unwrap())
+    );
+    assert_eq!(server.jobs()[0].sha256, sha256_file(&file));
+}

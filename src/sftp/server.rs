@@ -130,6 +130,8 @@ pub struct FrontDoor {
     connections: tokio_util::task::TaskTracker,
     /// Load balancers whose connections start with a PROXY protocol header.
     proxy_from: Vec<ipnet::IpNet>,
+    /// Cancelled when the drain time is over: SFTP sessions still open end, keeping their uploads.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl FrontDoor {
@@ -161,6 +163,7 @@ impl FrontDoor {
             ssh: Arc::new(ssh),
             connections: tokio_util::task::TaskTracker::new(),
             proxy_from,
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -235,13 +238,29 @@ impl FrontDoor {
     }
 
     /// Waits up to `drain` for the open connections (and their uploads) to end, once [`FrontDoor::run`]
-    /// has returned. Returns how many were still open when the time ran out.
+    /// has returned. Then the SFTP sessions still open are ended: an upload under way is kept as an
+    /// interrupted upload, to be resumed on any node. Returns how many connections and sessions were
+    /// still open when the drain time ran out.
     pub async fn drain(&self, drain: Duration) -> usize {
         self.connections.close();
-        match tokio::time::timeout(drain, self.connections.wait()).await {
-            Ok(()) => 0,
-            Err(_) => self.connections.len(),
+        if tokio::time::timeout(drain, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
         }
+        let open = self.connections.len();
+        self.stopping.cancel();
+        if tokio::time::timeout(CUT_GRACE, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.connections.len(),
+                "connections still open after their sessions were ended; exiting anyway"
+            );
+        }
+        open
     }
 
     async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr, ticket: Ticket) {
@@ -290,6 +309,9 @@ impl FrontDoor {
         );
     }
 }
+
+/// After the drain time, how long ended sessions get to keep their uploads and close.
+const CUT_GRACE: Duration = Duration::from_secs(10);
 
 /// A socket that stops reading once `deadline` passes unless the connection has logged in, so a
 /// peer that never finishes (or never starts) authenticating is dropped, whatever stage it stalls in.
@@ -625,9 +647,11 @@ impl Handler for Connection {
             landed: self.door.landed.clone(),
             operators: self.door.operators.clone(),
             write_budget: self.door.write_budget.clone(),
+            stopping: self.door.stopping.clone(),
         });
         let handle = session.handle();
-        tokio::spawn(async move {
+        // Tracked with the connections, so that a stop waits for the session to keep its uploads.
+        self.door.connections.spawn(async move {
             let finish = async move {
                 let _ = handle.exit_status_request(channel_id, 0).await;
                 let _ = handle.eof(channel_id).await;

@@ -60,6 +60,9 @@ pub struct SessionContext {
     pub operators: Arc<Vec<crate::config::NotifyTarget>>,
     /// Shared budget (KiB) of queued write data; see `server`.
     pub write_budget: Arc<Semaphore>,
+    /// Cancelled when a stopping server's drain time is over: the session ends as if the client had
+    /// gone, so that uploads under way are kept as interrupted uploads.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl SessionContext {
@@ -134,7 +137,14 @@ where
         alive,
     };
     loop {
-        match read_packet(&mut reader).await {
+        let packet = tokio::select! {
+            packet = read_packet(&mut reader) => packet,
+            () = session.ctx.stopping.cancelled() => {
+                tracing::info!("ending the SFTP session: the server is stopping");
+                break;
+            }
+        };
+        match packet {
             Ok(Some(packet)) => session.dispatch(packet).await,
             Ok(None) => break,
             Err(error) => {

@@ -394,7 +394,8 @@ impl State {
 
     /// Records a file found in landing without a job (after a crash between storing and recording).
     /// Returns `None` when the path already has an unfinished or failed job (a failed job's file
-    /// stays in landing and waits for the operator).
+    /// stays in landing and waits for the operator), or an interrupted upload: a multipart upload
+    /// being completed right now has one until its job is recorded, in the same transaction.
     pub async fn adopt_orphan(
         &self,
         username: &str,
@@ -407,7 +408,8 @@ impl State {
             "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
              SELECT $1, $2, $3, '', CASE WHEN $5 THEN 'held' ELSE 'landed' END, 'reconcile', $4, $4 WHERE NOT EXISTS \
              (SELECT 1 FROM jobs WHERE username = $1 AND path = $2 \
-              AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable', 'failed')) RETURNING id",
+              AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable', 'failed')) \
+             AND NOT EXISTS (SELECT 1 FROM partials WHERE username = $1 AND path = $2) RETURNING id",
         )
         .bind(username)
         .bind(path)
@@ -917,6 +919,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((jobs.len(), jobs[0].sha256.as_str()), (1, ""));
+        let completing = crate::state::NewPartial {
+            username: "acme",
+            path: "big.bin",
+            parent: "",
+            name: "big.bin",
+            landing_key: "acme/big.bin",
+            writer: "w",
+        };
+        state.start_partial(&completing, false).await.unwrap();
+        assert_eq!(
+            state
+                .adopt_orphan("acme", "big.bin", 5, false)
+                .await
+                .unwrap(),
+            None
+        );
     }
 
     #[tokio::test]

@@ -329,7 +329,7 @@ impl State {
             Dialect::Sqlite => &SQLITE_SCHEMA,
             Dialect::Postgres => &POSTGRES_SCHEMA,
         };
-        let migrator = Migrator::with_migrations(
+        let mut migrator = Migrator::with_migrations(
             schema
                 .iter()
                 .zip(1..)
@@ -344,6 +344,9 @@ impl State {
                 })
                 .collect(),
         );
+        // A node still on the previous release starts against a schema a newer one migrated
+        // (migrations only add), so that a rolling upgrade can restart either.
+        migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
         Ok(State { pool, dialect })
     }
@@ -473,6 +476,29 @@ mod tests {
         let mut fresh = url::Url::parse(url).unwrap();
         fresh.set_path(&name);
         fresh.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_schema_migrated_by_a_newer_release_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Sqlite {
+            path: dir.path().join("db.sqlite"),
+        };
+        let state = State::open(&database).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(99_i64)
+        .bind("from a newer release")
+        .bind(true)
+        .bind(vec![0_u8])
+        .bind(0_i64)
+        .execute(&state.pool)
+        .await
+        .unwrap();
+        state.pool.close().await;
+        State::open(&database).await.unwrap();
     }
 
     #[tokio::test]
