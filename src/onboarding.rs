@@ -332,7 +332,11 @@ pub fn connection_command(config: &Config, username: &str) -> String {
             ip.to_string()
         }
     });
-    match config.server.listen.port() {
+    match config
+        .server
+        .public_port
+        .unwrap_or(config.server.listen.port())
+    {
         22 => format!("sftp {username}@{host}"),
         port => format!("sftp -P {port} {username}@{host}"),
     }
@@ -349,6 +353,35 @@ pub fn fingerprints(user: &User) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_command_names_the_public_host_and_port() {
+        let config = |server: &str| {
+            crate::config::Config::parse(
+                std::path::Path::new("c.toml"),
+                &format!(
+                    "[server]\nlisten = \"0.0.0.0:2222\"\n{server}\n[buckets]\nlanding = \"file:///l\"\nquarantine = \"file:///q\"\n"
+                ),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            connection_command(&config("public_host = \"sftp.example.org\""), "acme"),
+            "sftp -P 2222 acme@sftp.example.org"
+        );
+        assert_eq!(
+            connection_command(
+                &config("public_host = \"sftp.example.org\"\npublic_port = 22"),
+                "acme"
+            ),
+            "sftp acme@sftp.example.org"
+        );
+        assert!(crate::config::Config::parse(
+            std::path::Path::new("c.toml"),
+            "[server]\npublic_port = 70000\n[buckets]\nlanding = \"file:///l\"\nquarantine = \"file:///q\"\n"
+        )
+        .is_err());
+    }
 
     #[test]
     fn statements_follow_the_guide() {

@@ -139,6 +139,8 @@ pub struct Server {
     pub audit_log: PathBuf,
     /// The host name suppliers connect to, shown in their connection command.
     pub public_host: Option<String>,
+    /// The port suppliers connect to, when it is not `listen`'s (a load balancer in front).
+    pub public_port: Option<u16>,
     /// Where `serve` writes its process id, for `ingestion reload`.
     pub pid_file: PathBuf,
     /// Names clients upload to before renaming (WinSCP's `*.filepart`, …).
@@ -379,6 +381,8 @@ struct RawServer {
     audit_log: Option<String>,
     /// Host name suppliers connect to (for the connection command printed by `user add`).
     public_host: Option<String>,
+    /// The port suppliers connect to, when a load balancer listens on another one than the nodes.
+    public_port: Option<Spanned<i64>>,
     /// Process id file for `ingestion reload`.
     pid_file: Option<String>,
     /// Temporary upload names (globs with `*`), held until renamed.
@@ -604,6 +608,19 @@ impl Config {
             &raw.server.partial_retention,
             DEFAULT_PARTIAL_RETENTION,
         );
+        let public_port = raw.server.public_port.as_ref().and_then(|port| {
+            u16::try_from(*port.get_ref())
+                .ok()
+                .filter(|port| *port > 0)
+                .or_else(|| {
+                    report.at(
+                        Some(port.span()),
+                        "server.public_port",
+                        "a TCP port, from 1 to 65535",
+                    );
+                    None
+                })
+        });
         let proxy_protocol_from = cidr_list(
             &mut report,
             "server.proxy_protocol_from",
@@ -682,6 +699,7 @@ impl Config {
                         max_file_size,
                         audit_log: relative(&raw.server.audit_log, "state/audit.jsonl"),
                         public_host: raw.server.public_host.clone(),
+                        public_port,
                         pid_file: relative(&raw.server.pid_file, "state/ingestion.pid"),
                         temporary_names,
                         algorithms,
