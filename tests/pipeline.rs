@@ -724,3 +724,49 @@ fn a_crash_mid_copy_leaves_no_parts_behind_on_s3() {
     let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
     crash_mid_copy(test, Buckets::S3(&moto));
 }
+
+/// A job that takes far longer than its lease (1 s here) keeps it by renewing it: no other worker
+/// takes it over, so it is scanned and delivered exactly once.
+#[test]
+fn a_job_longer_than_its_lease_is_not_taken_over() {
+    let test = "a_job_longer_than_its_lease_is_not_taken_over";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "",
+        "[scanner]\nengine = \"builtin\"\n[pipeline]\nworkers = 4\nlease = \"1s\"\n",
+        Landing::Local,
+        &[],
+    );
+    let big = setup.files.path().join("big.bin");
+    random_file(&big, 256 << 20, 51);
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} big.bin\n", big.display()),
+        ),
+        "upload",
+    );
+    let jobs = server.wait_for_jobs(300, "delivery", |jobs| all_final(jobs, 1));
+    assert_eq!(jobs[0].state, JobState::Delivered);
+    assert_eq!(jobs[0].attempts, 0, "{:#?}", jobs[0]);
+    let scanned = server.events("scanned");
+    let delivered = server.events("delivered");
+    assert_eq!((scanned.len(), delivered.len()), (1, 1));
+    assert!(server.events("job_retrying").is_empty());
+    // The test means something only if the job outlived its lease several times over.
+    let time = |event: &serde_json::Value| {
+        humantime::parse_rfc3339(event["time"].as_str().unwrap()).unwrap()
+    };
+    let worked = time(&delivered[0])
+        .duration_since(time(&scanned[0]))
+        .unwrap()
+        + std::time::Duration::from_millis(scanned[0]["scan_ms"].as_u64().unwrap());
+    assert!(
+        worked > std::time::Duration::from_secs(2),
+        "the job took only {worked:?}; make the file bigger"
+    );
+}
