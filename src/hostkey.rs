@@ -102,9 +102,8 @@ pub fn generate_ed25519() -> Result<PrivateKey, HostKeyError> {
         .map_err(|error| HostKeyError::Generate(error.to_string()))
 }
 
-/// Writes a private key in OpenSSH format with mode 0600 (never wider, not even briefly) and its
-/// `.pub` beside it.
-/// Writes a new private key file (mode 0600) and its `.pub`. The file appears whole or not at all
+/// Writes a new private key file in OpenSSH format (mode 0600, never wider, not even briefly) and
+/// its `.pub`. The file appears whole or not at all
 /// (written aside, then linked into place), and never replaces one that exists: that fails with
 /// `AlreadyExists`, so nodes starting together on a shared folder agree on one key.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {

@@ -626,6 +626,15 @@ impl Config {
             "server.proxy_protocol_from",
             &raw.server.proxy_protocol_from,
         );
+        for (index, net) in raw.server.proxy_protocol_from.iter().enumerate() {
+            if user::parse_cidr(net.get_ref()).is_ok_and(|net| net.prefix_len() == 0) {
+                report.at(
+                    Some(net.span()),
+                    &format!("server.proxy_protocol_from[{index}]"),
+                    "this would let anyone on the internet claim any address; list only your load balancers' networks",
+                );
+            }
+        }
         let drain_time = duration_field(
             &mut report,
             "server.drain_time",
@@ -1383,5 +1392,23 @@ database = "mysql://x"
         let text = "[buckets]\nlanding = \"/srv/a\"\nquarantine = \"/srv/a\"\n";
         let problems = Config::parse(Path::new("c.toml"), text).unwrap_err();
         assert_eq!(problems.0[0].field, "buckets.quarantine");
+    }
+
+    #[test]
+    fn balancers_and_exemptions_are_networks_and_never_everyone() {
+        let text = format!(
+            "[server]\nproxy_protocol_from = [\"10.0.1.0/24\", \"0.0.0.0/0\"]\n\
+             [limits]\npenalty_exempt = [\"10.0.2.7\", \"ten\"]\n{MINIMAL}"
+        );
+        let problems = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["server.proxy_protocol_from[1]", "limits.penalty_exempt[1]"],
+            "{problems:?}"
+        );
+        let text = format!("[server]\nproxy_protocol_from = [\"10.0.1.0/24\"]\n{MINIMAL}");
+        let config = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(config.server.proxy_protocol_from.len(), 1);
     }
 }

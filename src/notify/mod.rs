@@ -110,12 +110,12 @@ impl Notifier {
         }
     }
 
-    /// Sends due alerts and reports stuck jobs, forever.
     /// The lease owner name of this process's notifier.
     pub fn owner(&self) -> &str {
         &self.owner
     }
 
+    /// Sends due alerts and reports stuck jobs, forever.
     pub async fn run(self: Arc<Self>) {
         let stuck = tokio::spawn(self.clone().report_stuck_forever());
         loop {

@@ -110,7 +110,7 @@ pub(crate) enum Failpoint {
     None,
     /// `pause-after-copy`: between the copy to the destination and the delete from landing.
     PauseAfterCopy,
-    /// `pause-mid-copy`: once the copy has stored its first part.
+    /// `pause-mid-copy`: once the copy's multipart upload is recorded.
     PauseMidCopy,
 }
 
@@ -246,7 +246,6 @@ impl Pipeline {
         }
     }
 
-    /// Files left under a temporary name past the timeout are processed under that name.
     /// Adopts orphans every [`RECONCILE_EVERY`], so that a file a dead node stored but never
     /// recorded is processed by the nodes still running, not only at the next start.
     async fn reconcile_forever(self: Arc<Self>) {
@@ -263,6 +262,7 @@ impl Pipeline {
         }
     }
 
+    /// Files left under a temporary name past the timeout are processed under that name.
     async fn release_idle_held_forever(self: Arc<Self>) {
         let timeout = self.temporary_names.timeout;
         let period = (timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));

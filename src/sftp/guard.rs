@@ -76,7 +76,16 @@ struct Source {
     unauthenticated: usize,
     failures: u32,
     banned_until: Option<Instant>,
+    /// Silent connections forgiven lately, and since when that count runs (see [`SILENT_FREE`]).
+    silent: u32,
+    silent_since: Option<Instant>,
 }
+
+/// Silent connections an address may have forgiven in a burst; one more is forgiven every
+/// [`SILENT_REFILL`]. A health check every few seconds stays within it; a peer that keeps opening
+/// silent connections to hold places does not, and is counted (and banned) like any failure.
+const SILENT_FREE: u32 = 10;
+const SILENT_REFILL: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -178,6 +187,30 @@ impl Guard {
         }
     }
 
+    /// A connection from `ip` closed quickly without sending anything: forgiven while the address
+    /// has silent connections to spare, a failure after that.
+    fn silent_close(&self, ip: IpAddr, now: Instant) {
+        {
+            let mut inner = self.lock();
+            let source = inner.sources.entry(ip).or_default();
+            let since = *source.silent_since.get_or_insert(now);
+            let refilled =
+                now.saturating_duration_since(since).as_millis() / SILENT_REFILL.as_millis().max(1);
+            if refilled > 0 {
+                source.silent = source
+                    .silent
+                    .saturating_sub(u32::try_from(refilled).unwrap_or(u32::MAX));
+                source.silent_since = Some(now);
+            }
+            if source.silent < SILENT_FREE {
+                source.silent += 1;
+                Guard::leave_unauthenticated(&mut inner, ip);
+                return;
+            }
+        }
+        self.penalise(ip, now);
+    }
+
     /// A connection from `ip` ended without logging in: count it, and ban when there are too many.
     fn penalise(&self, ip: IpAddr, now: Instant) {
         let mut inner = self.lock();
@@ -269,10 +302,7 @@ impl Ticket {
             {
                 self.guard.penalise(self.ip, now);
             }
-            TicketState::Waiting => {
-                let mut inner = self.guard.lock();
-                Guard::leave_unauthenticated(&mut inner, self.ip);
-            }
+            TicketState::Waiting => self.guard.silent_close(self.ip, now),
             TicketState::LoggedIn(username) => self.guard.close_session(&username),
             TicketState::Done => {}
         }
@@ -344,11 +374,13 @@ mod tests {
         exempt.penalty_exempt = vec!["10.0.0.0/8".parse().unwrap()];
         let guard = Guard::new(exempt);
         let now = Instant::now();
-        for _ in 0..10 {
-            // A TCP health check: connect, close, never a byte.
-            guard.admit(A, now).unwrap().finish(now);
-            fail(&guard, "10.1.2.3".parse().unwrap(), now);
+        for check in 0..100 {
+            // A TCP health check every 5 s: connect, close, never a byte.
+            let at = now + Duration::from_secs(5 * check);
+            guard.admit(A, at).unwrap().finish(at);
+            fail(&guard, "10.1.2.3".parse().unwrap(), at);
         }
+        let now = now + Duration::from_secs(500);
         assert!(guard.admit(A, now).is_ok());
         assert!(guard.admit("10.1.2.3".parse().unwrap(), now).is_ok());
         fail(&guard, A, now);
@@ -356,6 +388,22 @@ mod tests {
         assert!(
             guard.admit(A, now).is_err(),
             "speaking and failing still counts"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_silent_connections_is_banned_like_failures() {
+        let guard = Guard::new(limits());
+        let now = Instant::now();
+        for _ in 0..SILENT_FREE {
+            guard.admit(B, now).unwrap().finish(now);
+        }
+        // limits() bans after two failures: the next two silent connections are failures.
+        guard.admit(B, now).unwrap().finish(now);
+        guard.admit(B, now).unwrap().finish(now);
+        assert!(
+            guard.admit(B, now).is_err(),
+            "beyond the burst, silent connections count"
         );
     }
 

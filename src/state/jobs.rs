@@ -404,6 +404,15 @@ impl State {
         held: bool,
     ) -> Result<Option<i64>, StateError> {
         let now = now();
+        let mut tx = self.pool.begin().await?;
+        // Two nodes reconciling at once must not both adopt a file: on PostgreSQL, whose `NOT EXISTS`
+        // below does not see the other's uncommitted row, adoptions take turns (SQLite has one writer).
+        sqlx::query(self.dialect.pick(
+            "SELECT 1",
+            "SELECT 1 FROM (SELECT pg_advisory_xact_lock(7364857261)) AS locked",
+        ))
+        .execute(&mut *tx)
+        .await?;
         let row = sqlx::query(
             "INSERT INTO jobs (username, path, size, sha256, state, session, received_at, updated_at) \
              SELECT $1, $2, $3, '', CASE WHEN $5 THEN 'held' ELSE 'landed' END, 'reconcile', $4, $4 WHERE NOT EXISTS \
@@ -416,8 +425,9 @@ impl State {
         .bind(i64::try_from(size).unwrap_or(i64::MAX))
         .bind(&now)
         .bind(held)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         row.map(|row| row.try_get(0))
             .transpose()
             .map_err(StateError::from)
@@ -547,7 +557,6 @@ impl State {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Notes that the file was copied to `routed_to` (before the landing copy is deleted).
     /// Records (or, with `None`, forgets) the multipart upload of the copy `owner` is making;
     /// `false` if the lease was lost.
     pub async fn record_copy_upload(
@@ -566,6 +575,8 @@ impl State {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Notes that the file was copied to `routed_to` (before the landing copy is deleted), which
+    /// ends the copy's multipart upload record.
     pub async fn record_copied(
         &self,
         id: i64,
@@ -646,20 +657,26 @@ impl State {
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
-        let jobs: Vec<Job> = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
-        for job in &jobs {
+        let mut reported = Vec::new();
+        for row in &rows {
+            let job = job_from_row(row)?;
             let mut tx = self.pool.begin().await?;
-            sqlx::query(
+            let marked = sqlx::query(
                 "UPDATE jobs SET stuck_alerted_at = $1 WHERE id = $2 AND stuck_alerted_at IS NULL",
             )
             .bind(now())
             .bind(job.id)
             .execute(&mut *tx)
             .await?;
-            State::insert_alerts(&mut tx, &alerts(job)).await?;
+            // Another node reported it in the meantime: once is enough.
+            if marked.rows_affected() != 1 {
+                continue;
+            }
+            State::insert_alerts(&mut tx, &alerts(&job)).await?;
             tx.commit().await?;
+            reported.push(job);
         }
-        Ok(jobs)
+        Ok(reported)
     }
 
     /// Records a failed attempt: the job waits `backoff` before its next try, or becomes `failed`
