@@ -91,7 +91,7 @@ class Ours:
             f'[server]\nlisten = "127.0.0.1:{self.port}"\nmax_file_size = "20 GiB"\n'
             '[buckets]\nlanding = "buckets/landing"\nquarantine = "buckets/quarantine"\n[users]\ndir = "users"\n'
             # No scanner answers: files stay in landing, so both servers do the same disk work.
-            '[scanner]\nengine = "clamd"\nclamd = "tcp://127.0.0.1:9"\n[pipeline]\nretry_cap = "1h"\n'
+            '[scanner]\nengine = "clamd"\nclamd = "tcp://127.0.0.1:9"\n[pipeline]\nretry_base = "1h"\nretry_cap = "1h"\n'
             "[limits]\nmax_unauthenticated = 1000\nmax_unauthenticated_per_ip = 1000\nmax_sessions_per_user = 1000\n"
         )
         (self.dir / "users" / "bench.toml").write_text(

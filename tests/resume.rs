@@ -44,11 +44,13 @@ fn users<'k>(buckets: &Buckets, setup: &'k Setup) -> Vec<UserSpec<'k>> {
     vec![acme, beta]
 }
 
-/// Whether a landing entry is an interrupted upload of acme's `name`: a staging file or a multipart upload.
+/// Whether a landing entry is an interrupted upload of acme's `name` (at the home's top): a staging
+/// file or a multipart upload.
 fn is_partial_of(buckets: &Buckets, entry: &str, name: &str) -> bool {
     match buckets {
+        // A staging file in the file's folder, named after the upload, not the file.
         Buckets::Local => entry
-            .strip_prefix(&format!("acme/{name}#"))
+            .strip_prefix("acme/.upload#")
             .is_some_and(|id| id.len() == 19 && id.bytes().all(|b| b.is_ascii_digit())),
         Buckets::S3(_) => entry == format!("MULTIPART landing-prefix/acme/{name}"),
     }

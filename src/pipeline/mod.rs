@@ -166,7 +166,12 @@ impl Pipeline {
             .list((prefix_len > 0).then_some(&prefix));
         let mut adopted = 0;
         while let Some(object) = objects.try_next().await? {
-            if object.last_modified.timestamp_millis() > young {
+            if object.last_modified.timestamp_millis() > young
+                || object
+                    .location
+                    .filename()
+                    .is_some_and(crate::storage::is_staging_name)
+            {
                 continue;
             }
             let parts: Vec<String> = object

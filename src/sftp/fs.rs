@@ -448,6 +448,7 @@ impl UserView {
         }
         for object in listing.objects {
             if let Some(name) = object.location.filename()
+                && !crate::storage::is_staging_name(name)
                 && names.insert(name.to_string())
             {
                 files.push(File::new(name, file_attrs(&file_entry(&object), writable)));
@@ -624,10 +625,7 @@ impl UserView {
     /// Names a local folder cannot hold: object_store stages uploads as `name#<digits>`.
     fn check_name(&self, home: &VirtualPath) -> Result<(), SftpError> {
         let name = home.name().unwrap_or_default();
-        let reserved = name.rsplit_once('#').is_some_and(|(_, suffix)| {
-            !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
-        });
-        if reserved {
+        if crate::storage::is_staging_name(name) {
             return Err(SftpError::failure(format!(
                 "names ending in `#` and digits are reserved for uploads in progress; rename `{name}`"
             )));

@@ -26,9 +26,35 @@ pub enum WriteError {
     Failed(String),
     /// This write was refused, and the interrupted upload is kept as it was for another try.
     Refused(String),
+    /// The store or the state database failed: what is stored is kept as an interrupted upload, to
+    /// be resumed once they are back.
+    Interrupted(String),
 }
 
-const SUPERSEDED: &str = "another connection resumed or replaced this upload; this one stops here";
+const SUPERSEDED: &str = "this upload was resumed or replaced by another connection, or expired \
+                          on the server; upload the file again";
+const INTERRUPTED: &str = "the server's storage failed; what was received is kept: resume the \
+                           upload later (OpenSSH reput, lftp put -c)";
+/// How often an upload receiving bytes tells the database it is alive, so that expiry
+/// (`server.partial_retention`) never takes an upload that is slow but still under way.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why recording progress failed.
+enum RecordError {
+    /// Another writer has the partial now, or it is gone.
+    Superseded,
+    /// The state database failed.
+    Database,
+}
+
+impl RecordError {
+    fn into_write_error(self) -> WriteError {
+        match self {
+            RecordError::Superseded => WriteError::Failed(SUPERSEDED.into()),
+            RecordError::Database => WriteError::Interrupted(INTERRUPTED.into()),
+        }
+    }
+}
 
 /// An upload into a user's home in the landing bucket, recorded as it goes so that it can be resumed.
 pub struct LandingUpload {
@@ -41,6 +67,7 @@ pub struct LandingUpload {
     parent: String,
     name: String,
     key: ObjectPath,
+    max_size: u64,
     /// This connection's token as the partial's writer.
     writer: String,
     /// The partial's row, once there is one.
@@ -48,10 +75,14 @@ pub struct LandingUpload {
     /// Bytes durably stored and recorded.
     stored: u64,
     resumed_from: Option<u64>,
+    /// Bytes of the interrupted upload thrown away because the client started over from byte 0.
+    restarted_over: Option<u64>,
     /// A write that could not continue a resumed upload: CLOSE must not complete it.
     refused: Option<String>,
     /// Another writer took the partial over.
     superseded: bool,
+    /// When the database last heard from this upload.
+    touched: std::time::Instant,
 }
 
 /// What `UserView::open` found for a path in the home.
@@ -67,18 +98,22 @@ pub struct Target<'a> {
 impl LandingUpload {
     /// A new upload from the first byte.
     pub fn start(target: Target<'_>) -> LandingUpload {
-        let upload = target.landing.upload(target.key.clone(), target.max_size);
+        let upload = target
+            .landing
+            .upload(target.key.clone(), target.max_size)
+            .keep_parts_on_failure();
         LandingUpload::with(target, upload)
     }
 
-    /// Carries on `partial`, taking it over from whichever connection wrote it before.
+    /// Carries on `partial`, taking it over from whichever connection wrote it before. A partial
+    /// whose record cannot be used is discarded, with a message saying to upload the file again.
     pub async fn resume(target: Target<'_>, partial: &Partial) -> Result<LandingUpload, String> {
         let writer = new_writer();
         let Some((partial, parts)) = target
             .state
             .take_partial(partial.id, &writer)
             .await
-            .map_err(state_failure)?
+            .map_err(|error| state_failure(&error))?
         else {
             return Err(
                 "the interrupted upload was just removed; upload the whole file (put)".into(),
@@ -88,10 +123,16 @@ impl LandingUpload {
             multipart_id: partial.multipart_id.clone(),
             parts,
         };
-        let upload = target
+        let upload = match target
             .landing
             .resume_upload(target.key.clone(), target.max_size, resume)
-            .map_err(|error| error.to_string())?;
+        {
+            Ok(upload) => upload.keep_parts_on_failure(),
+            Err(error) => {
+                let _ = discard_partial(target.state, target.landing, &partial, None).await;
+                return Err(error.to_string());
+            }
+        };
         let mut landing = LandingUpload::with(target, upload);
         landing.writer = writer;
         landing.row = Some(partial.id);
@@ -110,18 +151,27 @@ impl LandingUpload {
             parent: target.home.parent().relative(),
             name: target.home.name().unwrap_or_default().to_string(),
             key: target.key,
+            max_size: target.max_size,
             writer: new_writer(),
             row: None,
             stored: 0,
             resumed_from: None,
+            restarted_over: None,
             refused: None,
             superseded: false,
+            touched: std::time::Instant::now(),
         }
     }
 
     /// Where a resumed upload carries on from.
     pub fn resumed_from(&self) -> Option<u64> {
         self.resumed_from
+    }
+
+    /// Bytes of an interrupted upload thrown away because the client wrote from byte 0 instead of
+    /// resuming (a client that opens without truncation and sends the whole file); once.
+    pub fn take_restart(&mut self) -> Option<u64> {
+        self.restarted_over.take()
     }
 
     /// Bytes accepted so far, from offset 0.
@@ -142,29 +192,78 @@ impl LandingUpload {
         if let Some(reason) = &self.refused {
             return Err(WriteError::Refused(reason.clone()));
         }
-        match self.upload.write(offset, data).await {
+        let result = match self.upload.write(offset, data.clone()).await {
+            Err(UploadError::ResumeOffset { offset: 0, stored }) if stored > 0 => {
+                // Written from the start without truncation: the client is sending the whole file.
+                self.restart().await?;
+                self.restarted_over = Some(stored);
+                self.upload.write(offset, data).await
+            }
+            other => other,
+        };
+        match result {
             Ok(()) => {}
             Err(error @ UploadError::ResumeOffset { .. }) => {
                 let reason = error.to_string();
                 self.refused = Some(reason.clone());
                 return Err(WriteError::Refused(reason));
             }
+            Err(error) if error.is_outside_the_upload() => {
+                tracing::warn!(path = %self.path, user = %self.username, %error, "storage failed during an upload");
+                return Err(WriteError::Interrupted(INTERRUPTED.into()));
+            }
             Err(error) => return Err(WriteError::Failed(error.to_string())),
         }
         if let Some(progress) = self.upload.take_progress() {
             self.record(Some(progress))
                 .await
-                .map_err(WriteError::Failed)?;
+                .map_err(RecordError::into_write_error)?;
+        } else if self.row.is_some() && self.touched.elapsed() >= TOUCH_EVERY {
+            self.record(None)
+                .await
+                .map_err(RecordError::into_write_error)?;
         }
+        Ok(())
+    }
+
+    /// Throws away the interrupted upload this one resumed, to start over from byte 0.
+    async fn restart(&mut self) -> Result<(), WriteError> {
+        if let Some(id) = self.row.take() {
+            match self
+                .state
+                .remove_partial(id, None, Some(&self.writer))
+                .await
+            {
+                Ok(true) => {
+                    if let Some(multipart) = self.upload.multipart_id() {
+                        abort(&self.landing, self.key.as_ref(), multipart).await;
+                    }
+                }
+                Ok(false) => {
+                    self.superseded = true;
+                    return Err(WriteError::Failed(SUPERSEDED.into()));
+                }
+                Err(error) => {
+                    state_failure(&error);
+                    return Err(WriteError::Interrupted(INTERRUPTED.into()));
+                }
+            }
+        }
+        self.upload = self
+            .landing
+            .upload(self.key.clone(), self.max_size)
+            .keep_parts_on_failure();
+        self.stored = 0;
+        self.resumed_from = None;
         Ok(())
     }
 
     /// Records stored parts (or, with none, that this writer still holds the partial), creating the
     /// partial's row first if needed.
-    async fn record(&mut self, progress: Option<Progress>) -> Result<(), String> {
+    async fn record(&mut self, progress: Option<Progress>) -> Result<(), RecordError> {
         let id = match self.row {
             Some(id) => id,
-            None => self.create_row(true).await?,
+            None => self.create_row().await?,
         };
         let (multipart, parts) = match &progress {
             Some(progress) => (
@@ -173,24 +272,31 @@ impl LandingUpload {
             ),
             None => (None, &[][..]),
         };
-        if !self
+        match self
             .state
             .record_parts(id, &self.writer, multipart, parts)
             .await
-            .map_err(state_failure)?
         {
-            self.superseded = true;
-            return Err(SUPERSEDED.into());
+            Ok(true) => {}
+            Ok(false) => {
+                self.superseded = true;
+                return Err(RecordError::Superseded);
+            }
+            Err(error) => {
+                state_failure(&error);
+                return Err(RecordError::Database);
+            }
         }
+        self.touched = std::time::Instant::now();
         if let Some(last) = parts.last() {
             self.stored = last.end;
         }
         Ok(())
     }
 
-    /// Creates the partial's row. With `replace`, a partial of the same path from another upload is
-    /// discarded (this, newer upload wins).
-    async fn create_row(&mut self, replace: bool) -> Result<i64, String> {
+    /// Creates the partial's row. A partial of the same path from another upload is discarded
+    /// (this, newer upload wins).
+    async fn create_row(&mut self) -> Result<i64, RecordError> {
         let key = self.key.to_string();
         let new = NewPartial {
             username: &self.username,
@@ -200,13 +306,8 @@ impl LandingUpload {
             landing_key: &key,
             writer: &self.writer,
         };
-        match self
-            .state
-            .start_partial(&new, replace)
-            .await
-            .map_err(state_failure)?
-        {
-            Some((id, replaced)) => {
+        match self.state.start_partial(&new, true).await {
+            Ok(Some((id, replaced))) => {
                 if let Some(replaced) = replaced
                     && let Some(multipart) = replaced.multipart_id
                     && Some(multipart.as_str()) != self.upload.multipart_id()
@@ -216,45 +317,63 @@ impl LandingUpload {
                 self.row = Some(id);
                 Ok(id)
             }
-            None => {
+            Ok(None) => {
                 self.superseded = true;
-                Err(SUPERSEDED.into())
+                Err(RecordError::Superseded)
+            }
+            Err(error) => {
+                state_failure(&error);
+                Err(RecordError::Database)
             }
         }
     }
 
-    /// The connection ended without CLOSE: keeps what is stored as a partial. Returns the bytes kept.
+    /// The connection ended without CLOSE (or the storage failed): keeps what is stored as a
+    /// partial, to be resumed. An upload that stored nothing leaves nothing behind (there is
+    /// nothing to resume; the client sends the file again). Returns the bytes kept.
     pub async fn suspend(mut self) -> u64 {
         if self.superseded {
             return 0;
         }
-        let progress = self.upload.suspend().await;
-        let kept = match (progress, self.row) {
-            (None, None) => self.create_row(false).await.map(|_| ()),
-            (progress, _) => self.record(progress).await,
-        };
-        if let Err(reason) = kept {
-            tracing::warn!(path = %self.path, user = %self.username, %reason, "an interrupted upload was not kept");
-            return 0;
+        if let Some(progress) = self.upload.suspend().await
+            && let Err(RecordError::Superseded | RecordError::Database) =
+                self.record(Some(progress)).await
+        {
+            tracing::warn!(path = %self.path, user = %self.username, "the last parts of an interrupted upload were not recorded");
+        }
+        if self.stored == 0 && !self.superseded {
+            let stored = self.stored;
+            self.discard().await;
+            return stored;
         }
         self.stored
     }
 
     /// Completes the upload. On success, returns what was stored and the writer token whose partial
-    /// the job recording must delete.
+    /// the job recording must delete. When the storage or the database fails, what is stored is
+    /// kept for a resume.
     pub async fn finish(mut self) -> Result<(Uploaded, Option<String>), String> {
-        if self.row.is_some()
-            && let Err(reason) = self.record(None).await
-        {
-            self.discard().await;
-            return Err(reason);
+        if self.row.is_some() {
+            match self.record(None).await {
+                Ok(()) => {}
+                Err(RecordError::Superseded) => {
+                    self.discard().await;
+                    return Err(SUPERSEDED.into());
+                }
+                Err(RecordError::Database) => return Err(INTERRUPTED.into()),
+            }
         }
-        let row = self.row;
+        let (row, writer, state) = (self.row, self.writer.clone(), self.state.clone());
         match self.upload.finish().await {
-            Ok(uploaded) => Ok((uploaded, row.map(|_| self.writer))),
+            Ok(uploaded) => Ok((uploaded, row.map(|_| writer))),
+            Err(error) if error.is_outside_the_upload() && row.is_some() => {
+                tracing::warn!(%error, "completing an upload failed; its parts are kept for a resume");
+                Err(INTERRUPTED.into())
+            }
             Err(error) => {
+                // The upload aborted its multipart upload; its record goes too.
                 if let Some(id) = row {
-                    remove_row(&self.state, id).await;
+                    remove_row(&state, id, &writer).await;
                 }
                 Err(error.to_string())
             }
@@ -276,9 +395,14 @@ impl LandingUpload {
             }
             return;
         }
-        self.upload.abort().await;
-        if let Some(id) = self.row {
-            remove_row(&self.state, id).await;
+        match self.row {
+            // Only this writer's record, and then its parts: never a successor's.
+            Some(id) => {
+                if remove_row(&self.state, id, &self.writer).await {
+                    self.upload.abort().await;
+                }
+            }
+            None => self.upload.abort().await,
         }
     }
 }
@@ -287,14 +411,20 @@ fn new_writer() -> String {
     crate::storage::hex(&rand::random::<[u8; 8]>())
 }
 
-fn state_failure(error: StateError) -> String {
+fn state_failure(error: &StateError) -> String {
     tracing::error!(%error, "state database error while recording an upload");
     "the server could not record this upload; try again later".into()
 }
 
-async fn remove_row(state: &State, id: i64) {
-    if let Err(error) = state.remove_partial(id, None).await {
-        tracing::warn!(%error, id, "cannot delete the record of an interrupted upload");
+/// Deletes `writer`'s record of an interrupted upload; `false` if it is not (or no longer) theirs
+/// or the database failed.
+async fn remove_row(state: &State, id: i64, writer: &str) -> bool {
+    match state.remove_partial(id, None, Some(writer)).await {
+        Ok(removed) => removed,
+        Err(error) => {
+            tracing::warn!(%error, id, "cannot delete the record of an interrupted upload");
+            false
+        }
     }
 }
 
@@ -318,7 +448,10 @@ pub async fn discard_partial(
     partial: &Partial,
     unchanged_since: Option<i64>,
 ) -> Result<bool, StateError> {
-    if !state.remove_partial(partial.id, unchanged_since).await? {
+    if !state
+        .remove_partial(partial.id, unchanged_since, None)
+        .await?
+    {
         return Ok(false);
     }
     if let Some(multipart) = &partial.multipart_id {

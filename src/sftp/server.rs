@@ -199,8 +199,11 @@ impl FrontDoor {
         let peer = if self.proxy_from.iter().any(|net| net.contains(&balancer)) {
             match super::proxy::read_header(&mut socket).await {
                 Ok(Some(client)) => client,
-                // The balancer's own health check: nothing to serve, nothing to count.
-                Ok(None) | Err(super::proxy::ProxyError::Closed) => return,
+                // The balancer speaking for itself (a health check with `LOCAL`, or `UNKNOWN`): served
+                // as a direct connection from the balancer, as the PROXY protocol asks.
+                Ok(None) => peer,
+                // A TCP health check: nothing to serve, nothing to count.
+                Err(super::proxy::ProxyError::Closed) => return,
                 Err(error) => {
                     let subject = Subject {
                         ip: Some(balancer.to_string()),

@@ -801,8 +801,25 @@ async fn run_upload(
                 received = received.max(offset.saturating_add(data.len() as u64));
                 match (&mut upload, &failure) {
                     (Some(current), None) => match current.write(offset, data).await {
-                        Ok(()) => ok(id),
+                        Ok(()) => {
+                            if let Some(bytes_stored) = current.take_restart() {
+                                ctx.audit(Event::PartialDiscarded {
+                                    path: path.to_string(),
+                                    bytes_stored,
+                                    reason: "the client wrote the file again from its first byte"
+                                        .into(),
+                                });
+                            }
+                            ok(id)
+                        }
                         Err(WriteError::Refused(reason)) => status(id, StatusCode::Failure, reason),
+                        Err(WriteError::Interrupted(reason)) => {
+                            if let Some(current) = upload.take() {
+                                suspend(ctx, path, current, received).await;
+                            }
+                            failure = Some(reason.clone());
+                            status(id, StatusCode::Failure, reason)
+                        }
                         Err(WriteError::Failed(reason)) => {
                             if let Some(current) = upload.take() {
                                 current.discard().await;

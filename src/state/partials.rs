@@ -225,7 +225,8 @@ impl State {
         Ok(Some((partial, parts)))
     }
 
-    /// Partials directly inside a folder of a home (`parent` as for folders), for listings.
+    /// Partials directly inside a folder of a home (`parent` as for folders), for listings: at most
+    /// one more than a listing may hold (`sftp::fs::MAX_LISTING`), so an over-full folder is told.
     pub async fn partials_in(
         &self,
         username: &str,
@@ -234,7 +235,7 @@ impl State {
         let rows = sqlx::query(concat!(
             "SELECT name, ",
             from_partials!(),
-            " WHERE username = $1 AND parent = $2 ORDER BY name"
+            " WHERE username = $1 AND parent = $2 ORDER BY name LIMIT 100001"
         ))
         .bind(username)
         .bind(parent)
@@ -258,12 +259,13 @@ impl State {
         rows.iter().map(partial_from_row).collect()
     }
 
-    /// Partials nobody has written to since `before_ms`.
+    /// Partials nobody has written to since `before_ms`, the oldest thousand (the expiry takes
+    /// the rest on its next pass).
     pub async fn idle_partials(&self, before_ms: i64) -> Result<Vec<Partial>, StateError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             from_partials!(),
-            " WHERE updated_ms < $1 ORDER BY updated_ms, id"
+            " WHERE updated_ms < $1 ORDER BY updated_ms, id LIMIT 1000"
         ))
         .bind(before_ms)
         .fetch_all(&self.pool)
@@ -272,20 +274,25 @@ impl State {
     }
 
     /// Deletes a partial and its parts. With `unchanged_since`, only if nobody wrote to it after
-    /// that (so an expiry never takes a partial that came back to life). `false` if nothing was
-    /// deleted.
+    /// that (so an expiry never takes a partial that came back to life); with `writer`, only if it
+    /// is still that writer's (so a connection that lost it never deletes its successor's).
+    /// `false` if nothing was deleted.
     pub async fn remove_partial(
         &self,
         id: i64,
         unchanged_since: Option<i64>,
+        writer: Option<&str>,
     ) -> Result<bool, StateError> {
         let mut tx = self.pool.begin().await?;
-        let removed =
-            sqlx::query("DELETE FROM partials WHERE id = $1 AND ($2 IS NULL OR updated_ms = $2)")
-                .bind(id)
-                .bind(unchanged_since)
-                .execute(&mut *tx)
-                .await?;
+        let removed = sqlx::query(
+            "DELETE FROM partials WHERE id = $1 AND ($2 IS NULL OR updated_ms = $2) \
+             AND ($3 IS NULL OR writer = $3)",
+        )
+        .bind(id)
+        .bind(unchanged_since)
+        .bind(writer)
+        .execute(&mut *tx)
+        .await?;
         if removed.rows_affected() != 1 {
             return Ok(false);
         }
@@ -304,21 +311,22 @@ impl State {
         path: &str,
         writer: &str,
     ) -> Result<(), StateError> {
-        sqlx::query(
-            "DELETE FROM partial_parts WHERE partial_id IN \
-             (SELECT id FROM partials WHERE username = $1 AND path = $2 AND writer = $3)",
+        // The partial first, then its parts: the order every other statement here takes, so two
+        // transactions on PostgreSQL never wait for each other in a circle.
+        let removed = sqlx::query(
+            "DELETE FROM partials WHERE username = $1 AND path = $2 AND writer = $3 RETURNING id",
         )
         .bind(username)
         .bind(path)
         .bind(writer)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM partials WHERE username = $1 AND path = $2 AND writer = $3")
-            .bind(username)
-            .bind(path)
-            .bind(writer)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(row) = removed {
+            sqlx::query("DELETE FROM partial_parts WHERE partial_id = $1")
+                .bind(row.try_get::<i64, _>(0)?)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -440,7 +448,7 @@ mod tests {
         );
         assert!(
             !state
-                .remove_partial(id, Some(idle[0].updated_ms))
+                .remove_partial(id, Some(idle[0].updated_ms), None)
                 .await
                 .unwrap()
         );
@@ -462,6 +470,6 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(parts, 0);
-        assert!(!state.remove_partial(id, None).await.unwrap());
+        assert!(!state.remove_partial(id, None, None).await.unwrap());
     }
 }

@@ -22,6 +22,14 @@ pub use download::Download;
 pub use location::{Location, check_bucket_name};
 pub use upload::{Progress, Resume, StoredPart, Upload, UploadError, Uploaded, hex};
 
+/// Whether a file name is a staging name (`…#<digits>`): object_store's own (`name#1`) and ours
+/// (`.upload#<19 digits>`). Such files are never a user's file: refused from clients, never listed,
+/// never adopted.
+pub fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, suffix)| !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// S3 parts are at least this big so that 10,000 parts hold files far beyond 5 GiB (160 GiB).
 const S3_PART_SIZE: usize = 16 * 1024 * 1024;
 /// Local folders have no part-size rules; smaller parts keep memory per upload low.

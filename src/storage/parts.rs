@@ -2,9 +2,10 @@
 //! local folders and S3 are driven by the same upload code.
 //!
 //! object_store's own local multipart upload lives in memory and cannot be picked up again after a
-//! dropped connection or a crash; this one can. An upload is a staging file beside its destination,
-//! named `<name>#<19 digits>` (object_store's listings hide such names, and the SFTP layer refuses
-//! them from clients). Part `i` is written at offset `i × part_size` and synced before it counts as
+//! dropped connection or a crash; this one can. An upload is a staging file in its destination's
+//! folder (so that completing it is a rename), named `.upload#<19 digits>`: object_store's listings
+//! hide names whose text after the first `#` is all digits, whatever the destination's name holds,
+//! and the SFTP layer refuses such names from clients. Part `i` is written at offset `i × part_size` and synced before it counts as
 //! stored, completing truncates the file to the parts' total length (a crash may have left bytes of
 //! an unrecorded part behind) and renames it over the destination, and aborting deletes it.
 
@@ -39,10 +40,11 @@ impl LocalParts {
                 "{id:?} is not a local multipart upload id"
             )));
         }
-        let mut staging = self.files.path_to_filesystem(path)?.into_os_string();
-        staging.push("#");
-        staging.push(id);
-        Ok(staging.into())
+        let destination = self.files.path_to_filesystem(path)?;
+        let folder = destination
+            .parent()
+            .ok_or_else(|| generic(format!("{} has no folder", destination.display())))?;
+        Ok(folder.join(format!(".upload#{id}")))
     }
 }
 
@@ -248,6 +250,23 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_staging_file_stays_hidden_whatever_the_name_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, store) = parts(dir.path());
+        let path = ObjectPath::from("acme/invoice#12.pdf");
+        let id = store.create_multipart(&path).await.unwrap();
+        store
+            .put_part(&path, &id, 0, PutPayload::from_static(b"1234"))
+            .await
+            .unwrap();
+        let listed = files
+            .list_with_delimiter(Some(&ObjectPath::from("acme")))
+            .await
+            .unwrap();
+        assert!(listed.objects.is_empty(), "{listed:?}");
     }
 
     #[tokio::test]

@@ -71,6 +71,14 @@ pub enum UploadError {
     BadRecord(String),
 }
 
+impl UploadError {
+    /// The store, the network or the server failed, not the bytes or the client: what is stored
+    /// remains good, and the upload can go on later.
+    pub fn is_outside_the_upload(&self) -> bool {
+        matches!(self, UploadError::Store(_) | UploadError::Task(_))
+    }
+}
+
 /// What a finished upload stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uploaded {
@@ -144,6 +152,9 @@ pub struct Upload {
     attributes: Attributes,
     /// When set, the object is published only if its SHA-256 is this.
     expected_sha256: Option<String>,
+    /// Keep the stored parts when completing fails for a reason outside the upload (the store or
+    /// the network), so that a recorded upload can be completed later.
+    keep_parts_on_failure: bool,
 }
 
 impl Upload {
@@ -175,7 +186,14 @@ impl Upload {
             tags: TagSet::default(),
             attributes: Attributes::new(),
             expected_sha256: None,
+            keep_parts_on_failure: false,
         }
+    }
+
+    /// See `keep_parts_on_failure`: for uploads whose parts are recorded elsewhere.
+    pub fn keep_parts_on_failure(mut self) -> Upload {
+        self.keep_parts_on_failure = true;
+        self
     }
 
     /// Carries on an interrupted upload after its last stored part. The parts must be the ones
@@ -307,7 +325,9 @@ impl Upload {
             self.apply(offset, &data);
             end = self.buffered_end();
         }
-        while self.buffer.len() >= self.part_size {
+        // Strictly more than a part: the last byte always waits for `finish`, so what is stored of an
+        // interrupted upload is always less than the whole file (a resuming client sees it unfinished).
+        while self.buffer.len() > self.part_size {
             let part = self.buffer.split_to(self.part_size).freeze();
             self.send_part(part).await?;
         }
@@ -445,6 +465,7 @@ impl Upload {
         }
         match self.complete().await {
             Ok(uploaded) => Ok(uploaded),
+            Err(error) if self.keep_parts_on_failure && error.is_outside_the_upload() => Err(error),
             Err(error) => {
                 self.abort().await;
                 Err(error)
@@ -714,10 +735,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn what_is_stored_of_an_interrupted_upload_is_always_less_than_the_file() {
+        // 8 bytes, exactly two parts of 4: the last part waits for `finish`, so a client comparing
+        // sizes never takes the interrupted upload for a finished one.
+        let store = Arc::new(InMemory::new());
+        let record = interrupted(&store, &ObjectPath::from("f"), None, 0, b"01234567").await;
+        assert_eq!(record.parts.last().map(|part| part.end), Some(4));
+    }
+
+    #[tokio::test]
     async fn the_size_limit_counts_the_whole_file_across_resumes() {
         let store = Arc::new(InMemory::new());
         let key = ObjectPath::from("f");
-        let record = interrupted(&store, &key, None, 0, b"01234567").await;
+        let record = interrupted(&store, &key, None, 0, b"012345678").await;
         let mut upload = Upload::new(store.clone(), store.clone(), key, 4, 10)
             .resume(record)
             .unwrap();
@@ -739,7 +769,7 @@ mod tests {
         record.parts.remove(0);
         let refused = upload_to(&store, &key, 4, 100).resume(record);
         assert!(matches!(refused, Err(UploadError::BadRecord(_))));
-        let mut bad = interrupted(&store, &key, None, 0, b"01234567").await;
+        let mut bad = interrupted(&store, &key, None, 0, b"012345678").await;
         bad.parts[1].hash_state.truncate(3);
         let refused = upload_to(&store, &key, 4, 100).resume(bad);
         assert!(matches!(refused, Err(UploadError::BadRecord(_))));
