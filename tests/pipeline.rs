@@ -143,8 +143,8 @@ fn clean_files_are_delivered_and_infected_or_unscannable_ones_quarantined() {
         "{:?}",
         server.landing_listing()
     );
-    assert_eq!(server.events("delivered").len(), 1);
-    let quarantined = server.events("quarantined");
+    assert_eq!(server.wait_events("delivered", 1).len(), 1);
+    let quarantined = server.wait_events("quarantined", 3);
     assert_eq!(quarantined.len(), 3);
     assert!(
         quarantined
@@ -594,7 +594,7 @@ fn a_temporary_upload_name_is_delivered_once_under_its_final_name() {
         server.files_in("buckets/delivered/acme"),
         ["data.csv", "stray.partial"]
     );
-    assert_eq!(server.events("delivered").len(), 2);
+    assert_eq!(server.wait_events("delivered", 2).len(), 2);
 }
 
 /// The same name uploaded twice, the first already delivered: by default the second replaces the
@@ -754,7 +754,7 @@ fn a_job_longer_than_its_lease_is_not_taken_over() {
     assert_eq!(jobs[0].state, JobState::Delivered);
     assert_eq!(jobs[0].attempts, 0, "{:#?}", jobs[0]);
     let scanned = server.events("scanned");
-    let delivered = server.events("delivered");
+    let delivered = server.wait_events("delivered", 1);
     assert_eq!((scanned.len(), delivered.len()), (1, 1));
     assert!(server.events("job_retrying").is_empty());
     // The test means something only if the job outlived its lease several times over.

@@ -277,7 +277,8 @@ fn expiry(test: &str, buckets: Buckets) {
     wait_until(30, "its stored parts removed", || {
         server.landing_listing().is_empty().then_some(())
     });
-    let expired = server.events("partial_expired");
+    // Audited once the parts are gone, a moment after the listing empties.
+    let expired = server.wait_events("partial_expired", 1);
     assert_eq!(expired.len(), 1, "{expired:?}");
     assert_eq!(expired[0]["path"], "/left.bin");
     let output = server.sftp(

@@ -181,7 +181,10 @@ fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
     wait_until(30, "landing emptied", || {
         node_b.landing_listing().is_empty().then_some(())
     });
-    // A file delivered twice would show two delivery events across the two audit logs.
+    // A file delivered twice would show two delivery events across the two audit logs. Each is
+    // appended just after its job is marked delivered: wait for the last of them.
+    let from_a = node_a.events("delivered").len();
+    node_b.wait_events("delivered", 100usize.saturating_sub(from_a));
     let mut deliveries: BTreeMap<i64, usize> = BTreeMap::new();
     for event in node_a
         .events("delivered")

@@ -451,6 +451,16 @@ impl Server {
     }
 
     /// Audit events named `event`.
+    /// Waits (up to 30 s) until `count` audit events named `event` are written, and returns them.
+    /// Outcomes are committed to the database just before they are audited, so a test that has
+    /// seen a job finish waits here for its audit line.
+    pub fn wait_events(&self, event: &str, count: usize) -> Vec<serde_json::Value> {
+        wait_until(30, &format!("{count} `{event}` audit events"), || {
+            let events = self.events(event);
+            (events.len() >= count).then_some(events)
+        })
+    }
+
     pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
         self.audit()
             .into_iter()
