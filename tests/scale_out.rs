@@ -200,8 +200,9 @@ fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
         deliveries.values().all(|count| *count == 1),
         "{deliveries:?}"
     );
-    // Alerts: at least once, and a repeat carries the same event id.
-    let alerts = wait_until(60, "100 delivery alerts", || {
+    // Alerts: at least once, and a repeat carries the same event id. Alerts node A had claimed when
+    // it was killed come back to node B when their 30 s lease passes.
+    let alerts = wait_until(120, "100 delivery alerts", || {
         let alerts = delivered_alerts(&receiver);
         (alerts.len() == 100).then_some(alerts)
     });

@@ -81,6 +81,11 @@ pub fn job_facts(job: &Job, event: &str) -> Facts {
     }
 }
 
+/// How long a claimed alert stays with its notifier: a batch is sent concurrently and each send
+/// gives up at [`send::SEND_DEADLINE`], so a live notifier is done well within it, and the alerts
+/// of a node that died are taken over by another soon after.
+const ALERT_LEASE: Duration = Duration::from_secs(send::SEND_DEADLINE.as_secs() + 5);
+
 /// Sends the outbox.
 pub struct Notifier {
     state: State,
@@ -119,11 +124,7 @@ impl Notifier {
     pub async fn run(self: Arc<Self>) {
         let stuck = tokio::spawn(self.clone().report_stuck_forever());
         loop {
-            let alerts = match self
-                .state
-                .claim_alerts(&self.owner, Duration::from_secs(120), 16)
-                .await
-            {
+            let alerts = match self.state.claim_alerts(&self.owner, ALERT_LEASE, 16).await {
                 Ok(alerts) => alerts,
                 Err(error) => {
                     tracing::error!(%error, "cannot read the outbox");
@@ -150,7 +151,16 @@ impl Notifier {
             serde_json::from_str::<Channel>(&alert.target),
             serde_json::from_str::<Facts>(&alert.payload),
         ) {
-            (Ok(channel), Ok(facts)) => self.sender.send(&channel, &facts).await,
+            (Ok(channel), Ok(facts)) => {
+                tokio::time::timeout(send::SEND_DEADLINE, self.sender.send(&channel, &facts))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(SendError::Retry(format!(
+                            "no answer within {}s",
+                            send::SEND_DEADLINE.as_secs()
+                        )))
+                    })
+            }
             _ => Err(SendError::Permanent("the outbox row cannot be read".into())),
         };
         let recorded = match &result {

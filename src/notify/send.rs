@@ -14,6 +14,8 @@ use crate::config::{Channel, Secret, Smtp};
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest one alert's sending may take, all steps included; the notifier gives up after it.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(25);
 
 /// Why an alert was not sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
