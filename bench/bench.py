@@ -88,7 +88,7 @@ class Ours:
         (self.dir / "egress").mkdir()
         self.port = free_port()
         (self.dir / "ingestion.toml").write_text(
-            f'[server]\nlisten = "127.0.0.1:{self.port}"\nmax_file_size = "20 GiB"\n'
+            f'[admin]\nlisten = "off"\n[server]\nlisten = "127.0.0.1:{self.port}"\nmax_file_size = "20 GiB"\n'
             '[buckets]\nlanding = "buckets/landing"\nquarantine = "buckets/quarantine"\n[users]\ndir = "users"\n'
             # No scanner answers: files stay in landing, so both servers do the same disk work.
             '[scanner]\nengine = "clamd"\nclamd = "tcp://127.0.0.1:9"\n[pipeline]\nretry_base = "1h"\nretry_cap = "1h"\n'

@@ -6,14 +6,20 @@
 //! `flock` on the file to read the last line and append, so the chain holds across processes.
 //! Callers say what happened; they never format lines themselves. An audit write failure is logged
 //! loudly but never stops a transfer that is already durable.
+//!
+//! The service also copies every line to the state database ([`Audit::copy_to_database`]), so that
+//! the events of all nodes can be searched in one place (admin API, dashboard). The copy is made in
+//! the background through a bounded queue; the file stays the record of truth.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::state::{AuditRecord, State};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -50,6 +56,9 @@ pub enum Event {
         listen: String,
         host_key_fingerprint: String,
         users: usize,
+        /// Where the admin plane listens, when it does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin: Option<String>,
     },
     Connect {
         port: u16,
@@ -218,6 +227,13 @@ pub enum Event {
         kind: String,
         error: String,
     },
+    /// The admin dashboard was signed in to.
+    AdminLogin {},
+    /// A request to the admin API or dashboard was refused (missing or wrong token).
+    AdminRefused {
+        path: String,
+        reason: String,
+    },
     /// A job has been failing for longer than `notify.stuck_after`; reported once.
     JobStuck {
         job: i64,
@@ -242,7 +258,18 @@ pub struct Audit {
     path: PathBuf,
     /// Serialises this process's writers (the flock serialises processes).
     writing: Mutex<()>,
+    /// The queue to the database copier, when there is one.
+    copies: Mutex<Option<DatabaseCopier>>,
 }
+
+#[derive(Debug)]
+struct DatabaseCopier {
+    queue: tokio::sync::mpsc::Sender<AuditRecord>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Lines waiting for the database beyond this are not copied (and counted); the file has them.
+const COPY_QUEUE: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the audit log {path}: {source}")]
@@ -269,15 +296,34 @@ impl Audit {
         Ok(Audit {
             path: path.to_path_buf(),
             writing: Mutex::new(()),
+            copies: Mutex::new(None),
         })
     }
 
+    /// From now on, copies every line to the state database as well, in the background.
+    pub fn copy_to_database(&self, state: State) {
+        let (queue, lines) = tokio::sync::mpsc::channel(COPY_QUEUE);
+        let task = tokio::spawn(copy_lines(state, lines));
+        *lock(&self.copies) = Some(DatabaseCopier { queue, task });
+    }
+
+    /// Waits (up to `patience`) for the lines queued for the database to be stored, then stops
+    /// copying.
+    pub async fn finish_copying(&self, patience: Duration) {
+        let copier = lock(&self.copies).take();
+        if let Some(DatabaseCopier { queue, task }) = copier {
+            drop(queue);
+            if tokio::time::timeout(patience, task).await.is_err() {
+                tracing::warn!(
+                    "audit lines were still waiting for the database at exit; the audit file has them"
+                );
+            }
+        }
+    }
+
     /// Appends `event` chained to the last line, under an exclusive lock on the file.
-    fn append(&self, subject: &Subject, event: &Event) -> std::io::Result<String> {
-        let _writing = match self.writing.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+    fn append(&self, subject: &Subject, event: &Event) -> std::io::Result<AuditRecord> {
+        let _writing = lock(&self.writing);
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -286,25 +332,67 @@ impl Audit {
         let mut file = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| std::io::Error::from(errno))?;
         let prev = last_line_hash(&mut file)?;
+        let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let line = Line {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: time.clone(),
             prev: &prev,
             subject,
             event,
         };
-        let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
-        let logged = text.clone();
-        text.push('\n');
-        file.write_all(text.as_bytes())?;
-        Ok(logged)
+        let value = serde_json::to_value(&line).map_err(std::io::Error::other)?;
+        let text = value.to_string();
+        file.write_all(format!("{text}\n").as_bytes())?;
+        Ok(AuditRecord {
+            time,
+            event: value["event"].as_str().unwrap_or_default().to_string(),
+            username: subject.user.clone(),
+            job: value["job"].as_i64(),
+            line: text,
+        })
     }
 
     /// Records one event.
     pub fn record(&self, subject: &Subject, event: Event) {
+        crate::telemetry::audited(&event);
         match self.append(subject, &event) {
-            Ok(line) => tracing::info!(target: "audit", "{line}"),
+            Ok(record) => {
+                tracing::info!(target: "audit", "{}", record.line);
+                if let Some(copier) = lock(&self.copies).as_ref()
+                    && copier.queue.try_send(record).is_err()
+                {
+                    crate::telemetry::audit_copy_dropped();
+                    tracing::error!(
+                        "the state database is not keeping up with audit lines; this one is only in the audit file"
+                    );
+                }
+            }
             Err(error) => tracing::error!(%error, ?event, "cannot append to the audit log"),
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Stores queued lines in batches until the queue closes, retrying a batch the database refused.
+async fn copy_lines(state: State, mut lines: tokio::sync::mpsc::Receiver<AuditRecord>) {
+    let mut batch = Vec::new();
+    while lines.recv_many(&mut batch, 256).await > 0 {
+        let mut delay = Duration::from_millis(100);
+        while let Err(error) = state.insert_audit_events(&batch).await {
+            if lines.is_closed() && delay > Duration::from_secs(2) {
+                tracing::error!(%error, lines = batch.len(), "audit lines not copied to the database at exit; the audit file has them");
+                return;
+            }
+            tracing::warn!(%error, "cannot copy audit lines to the database; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        batch.clear();
     }
 }
 

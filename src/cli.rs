@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
-use object_store::ObjectStore;
 use tokio::net::TcpListener;
 
 use crate::audit::{Audit, Event, Subject};
@@ -286,10 +286,13 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     if users.is_empty() {
         tracing::warn!(dir = %config.users_dir.display(), "no users are configured: nobody can log in");
     }
+    let metrics = crate::telemetry::install()?;
+    let admin_token = admin_token(&config.admin)?;
     let host_key = hostkey::load_or_generate(&config.server.host_key_dir)?;
     let fingerprint = hostkey::fingerprint(&host_key);
     let audit = Arc::new(Audit::open(&config.server.audit_log)?);
     let state = State::open(&config.state.database).await?;
+    audit.copy_to_database(state.clone());
     let landing = open_bucket("landing", &config.buckets.landing).await?;
     let quarantine = open_bucket("quarantine", &config.buckets.quarantine).await?;
     let scanner = scanner(&config.scanner).await;
@@ -300,7 +303,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         landing.clone(),
         quarantine,
         users.clone(),
-        scanner,
+        scanner.clone(),
         audit.clone(),
         config.pipeline.clone(),
         landed.clone(),
@@ -322,12 +325,23 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
     let listen = listener.local_addr()?;
+    let admin_listener = match config.admin.listen {
+        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+            format!("cannot listen on {address} (admin.listen); pick another port, or write listen = \"off\"")
+        })?),
+        None => None,
+    };
+    let admin_address = admin_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     audit.record(
         &Subject::default(),
         Event::ServiceStarted {
             listen: listen.to_string(),
             host_key_fingerprint: fingerprint.clone(),
             users: users.current().len(),
+            admin: admin_address.map(|address| address.to_string()),
         },
     );
     tracing::info!(%listen, host_key = %fingerprint, users = users.current().len(), "ingestion is listening");
@@ -347,8 +361,23 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         audit.clone(),
     ));
     let (stop_state, stop_audit) = (state.clone(), audit.clone());
+    let guard = crate::sftp::guard::Guard::new(config.limits.clone());
+    let admin = crate::admin::Admin::new(crate::admin::Parts {
+        state: state.clone(),
+        landing: landing.clone(),
+        scanner: scanner.clone(),
+        notify: config.notify.clone(),
+        guard: guard.clone(),
+        users: users.clone(),
+        audit: audit.clone(),
+        metrics,
+        token: admin_token,
+    });
+    if let Some(listener) = admin_listener {
+        tokio::spawn(admin.clone().serve(listener));
+    }
     let door = Arc::new(FrontDoor::new(
-        crate::sftp::guard::Guard::new(config.limits.clone()),
+        guard,
         users,
         config.server.temporary_names.clone(),
         config.notify.operators.clone(),
@@ -378,6 +407,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     // SIGTERM or SIGINT: no new logins; uploads under way may finish within the drain time.
     let drain = config.server.drain_time;
     tracing::info!(drain = %humantime::format_duration(drain), "shutting down: draining connections");
+    admin.stopping();
     stop_audit.record(
         &Subject::default(),
         Event::ServiceStopping {
@@ -405,7 +435,27 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         },
     );
     tracing::info!(connections_cut = cut, leases_released = released, "stopped");
+    stop_audit.finish_copying(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// The admin token's value, read once from the environment variable `[admin] token_env` names.
+fn admin_token(settings: &config::Admin) -> anyhow::Result<Option<String>> {
+    let Some(secret) = &settings.token else {
+        return Ok(None);
+    };
+    let token = secret
+        .read()
+        .map_err(|error| anyhow!("admin.token_env: {error}; set it, or remove token_env"))?;
+    if token.chars().count() < crate::admin::MIN_TOKEN_LENGTH {
+        return Err(anyhow!(
+            "admin.token_env: the token in {} is shorter than {} characters; use a long random one \
+             (e.g. `openssl rand -hex 32`)",
+            secret.describe(),
+            crate::admin::MIN_TOKEN_LENGTH
+        ));
+    }
+    Ok(Some(token))
 }
 
 /// Builds the scanner; an unreachable clamd is reported but does not stop the start: files wait in
@@ -437,11 +487,11 @@ async fn scanner(settings: &config::Scanner) -> Scanner {
 async fn open_bucket(role: &str, location: &crate::storage::Location) -> anyhow::Result<Bucket> {
     let bucket = Bucket::open(location)
         .with_context(|| format!("cannot open the {role} bucket {location}"))?;
-    bucket
-        .store()
-        .list_with_delimiter(None)
-        .await
-        .with_context(|| format!("the {role} bucket {location} does not answer; check its name and the AWS_* settings"))?;
+    bucket.reachable().await.with_context(|| {
+        format!(
+            "the {role} bucket {location} does not answer; check its name and the AWS_* settings"
+        )
+    })?;
     Ok(bucket)
 }
 
@@ -547,6 +597,7 @@ async fn transfers(config_path: &Path, command: TransfersCommand) -> anyhow::Res
                     Listed::Partial => None,
                 }),
                 limit: Some(limit),
+                ..JobFilter::default()
             };
             let jobs = state.jobs(&filter).await?;
             println!(

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -16,3 +17,4 @@ pub mod scan;
 pub mod sftp;
 pub mod state;
 pub mod storage;
+pub mod telemetry;

@@ -53,7 +53,24 @@ pub struct Config {
     pub limits: crate::sftp::guard::Limits,
     /// What happens when a routed file's name is already taken at its destination.
     pub on_conflict: OnConflict,
+    pub admin: Admin,
 }
+
+/// The admin plane: health checks, Prometheus metrics, the transfers API and the dashboard.
+///
+/// # Defaults
+/// Listens on 127.0.0.1:9090. Without `token_env`, the API and the dashboard are closed (health and
+/// metrics stay open); listening beyond loopback needs `token_env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// Where it listens; `None` when turned off (`listen = "off"`).
+    pub listen: Option<SocketAddr>,
+    /// The bearer token for the API and the dashboard.
+    pub token: Option<Secret>,
+}
+
+/// The admin plane's address unless configured.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 /// What happens when a file is routed to a name that already holds an object (the same name
 /// uploaded twice, after the first was delivered).
@@ -275,6 +292,17 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     delivery: RawDelivery,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// `host:port`, or "off".
+    listen: Option<Spanned<String>>,
+    /// NAME of the environment variable holding the API and dashboard token.
+    token_env: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -672,6 +700,7 @@ impl Config {
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
         let notify = parse_notify(&raw.notify, &mut report);
         let limits = parse_limits(&raw.limits, &mut report);
+        let admin = parse_admin(&raw.admin, &mut report);
         let on_conflict = match raw.delivery.on_conflict.as_ref() {
             None => OnConflict::Overwrite,
             Some(value) => match value.get_ref().as_str() {
@@ -728,6 +757,7 @@ impl Config {
                     notify,
                     limits,
                     on_conflict,
+                    admin,
                 })
             }
             _ => Err(problems),
@@ -1022,6 +1052,41 @@ fn parse_temporary_names(raw: &RawServer, report: &mut FileReporter) -> Temporar
         }
     };
     TemporaryNames { patterns, timeout }
+}
+
+fn parse_admin(raw: &RawAdmin, report: &mut FileReporter) -> Admin {
+    let token = raw
+        .token_env
+        .as_ref()
+        .and_then(|name| user::parse_env_name("admin.token_env", name, report));
+    let listen = match raw.listen.as_ref() {
+        Some(value) if value.get_ref() == "off" => None,
+        Some(value) => match value.get_ref().parse::<SocketAddr>() {
+            Ok(address) => {
+                if !address.ip().is_loopback() && raw.token_env.is_none() {
+                    report.at(
+                        Some(value.span()),
+                        "admin.listen",
+                        "listening beyond loopback needs admin.token_env (the NAME of an environment \
+                         variable holding a long random token), or keep 127.0.0.1",
+                    );
+                }
+                Some(address)
+            }
+            Err(_) => {
+                report.at(
+                    Some(value.span()),
+                    "admin.listen",
+                    format!(
+                        "write an address and port such as \"{DEFAULT_ADMIN_LISTEN}\", or \"off\""
+                    ),
+                );
+                None
+            }
+        },
+        None => DEFAULT_ADMIN_LISTEN.parse().ok(),
+    };
+    Admin { listen, token }
 }
 
 fn parse_notify(raw: &RawNotify, report: &mut FileReporter) -> Notify {

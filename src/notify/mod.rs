@@ -164,9 +164,16 @@ impl Notifier {
             _ => Err(SendError::Permanent("the outbox row cannot be read".into())),
         };
         let recorded = match &result {
-            Ok(()) => self.state.alert_sent(alert.id, &self.owner).await,
+            Ok(()) => {
+                crate::telemetry::notification(&alert.channel, "sent");
+                self.state.alert_sent(alert.id, &self.owner).await
+            }
             Err(error) => {
                 let permanent = matches!(error, SendError::Permanent(_));
+                crate::telemetry::notification(
+                    &alert.channel,
+                    if permanent { "failed" } else { "retry" },
+                );
                 let backoff = Duration::from_secs(1)
                     .saturating_mul(2u32.saturating_pow(alert.attempts.min(12)))
                     .min(Duration::from_secs(300));

@@ -57,6 +57,16 @@ impl Sender {
         Sender { http, mailer, from }
     }
 
+    /// Whether the SMTP relay answers (connects and greets), without sending anything.
+    pub async fn check_smtp(&self) -> Result<(), String> {
+        let mailer = self.mailer.as_ref().map_err(Clone::clone)?;
+        match mailer.test_connection().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the SMTP relay did not accept a connection".into()),
+            Err(error) => Err(format!("the SMTP relay does not answer: {error}")),
+        }
+    }
+
     pub async fn send(&self, channel: &Channel, facts: &Facts) -> Result<(), SendError> {
         match channel {
             Channel::Email { to } => self.email(to, facts).await,

@@ -232,6 +232,9 @@ impl Pipeline {
             return Err(StepError::LeaseLost);
         }
         let path = format!("/{}", job.path);
+        if job.verdict == Some(Verdict::Clean) {
+            crate::telemetry::delivered(&job.received_at);
+        }
         let event = match &job.verdict {
             Some(Verdict::Clean) => Event::Delivered {
                 job: job.id,

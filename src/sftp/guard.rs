@@ -116,6 +116,15 @@ impl Guard {
         &self.limits
     }
 
+    /// How many addresses are banned at `now`.
+    pub fn bans_in_force(&self, now: Instant) -> usize {
+        self.lock()
+            .sources
+            .values()
+            .filter(|source| source.banned_until.is_some_and(|until| until > now))
+            .count()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         match self.inner.lock() {
             Ok(inner) => inner,

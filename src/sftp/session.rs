@@ -799,6 +799,7 @@ async fn run_upload(
                 id, offset, data, ..
             } => {
                 received = received.max(offset.saturating_add(data.len() as u64));
+                crate::telemetry::bytes_received(data.len() as u64);
                 match (&mut upload, &failure) {
                     (Some(current), None) => match current.write(offset, data).await {
                         Ok(()) => {
@@ -1009,6 +1010,7 @@ async fn run_download(
                     Ok(data) if data.is_empty() => status(id, StatusCode::Eof, "end of file"),
                     Ok(data) => {
                         sent += data.len() as u64;
+                        crate::telemetry::bytes_sent(data.len() as u64);
                         Packet::Data(Data {
                             id,
                             data: data.to_vec(),

@@ -170,8 +170,29 @@ pub struct NewJob<'a> {
 pub struct JobFilter {
     pub username: Option<String>,
     pub state: Option<JobState>,
+    /// Received at or after this RFC 3339 time.
+    pub since: Option<String>,
+    /// Only ids below this one: the next page after a page ending at this id.
+    pub before_id: Option<i64>,
     pub limit: Option<u32>,
 }
+
+/// How many jobs are in one state, and their bytes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobTotal {
+    pub state: String,
+    pub jobs: i64,
+    pub bytes: i64,
+}
+
+/// The states of jobs the pipeline still has to finish.
+const UNFINISHED: [JobState; 5] = [
+    JobState::Landed,
+    JobState::Clean,
+    JobState::Infected,
+    JobState::Unscannable,
+    JobState::Failed,
+];
 
 /// A path is being processed by the pipeline and cannot be changed right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -746,14 +767,53 @@ impl State {
             "SELECT ",
             columns!(),
             " FROM jobs WHERE ($1 IS NULL OR username = $1) AND ($2 IS NULL OR state = $2) \
-             ORDER BY id DESC LIMIT $3"
+             AND ($3 IS NULL OR received_at >= $3) AND ($4 IS NULL OR id < $4) \
+             ORDER BY id DESC LIMIT $5"
         ))
         .bind(filter.username.as_deref())
         .bind(filter.state.map(JobState::as_str))
+        .bind(filter.since.as_deref())
+        .bind(filter.before_id)
         .bind(i64::from(filter.limit.unwrap_or(u32::MAX)))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    /// Jobs and bytes by state, of the jobs received at or after `since` (all of them if `None`).
+    pub async fn job_totals(&self, since: Option<&str>) -> Result<Vec<JobTotal>, StateError> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS jobs, CAST(SUM(size) AS BIGINT) AS bytes FROM jobs \
+             WHERE ($1 IS NULL OR received_at >= $1) GROUP BY state ORDER BY state",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(JobTotal {
+                    state: row.try_get("state")?,
+                    jobs: row.try_get("jobs")?,
+                    // SUM is NUMERIC on PostgreSQL, hence the cast to BIGINT in the query.
+                    bytes: row.try_get::<Option<i64>, _>("bytes")?.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// When the oldest job the pipeline has yet to finish was received.
+    pub async fn oldest_unfinished(&self) -> Result<Option<String>, StateError> {
+        let row = sqlx::query(
+            "SELECT MIN(received_at) AS oldest FROM jobs WHERE state IN ($1, $2, $3, $4, $5)",
+        )
+        .bind(UNFINISHED[0].as_str())
+        .bind(UNFINISHED[1].as_str())
+        .bind(UNFINISHED[2].as_str())
+        .bind(UNFINISHED[3].as_str())
+        .bind(UNFINISHED[4].as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("oldest")?)
     }
 }
 

@@ -142,6 +142,16 @@ impl Bucket {
         &self.location
     }
 
+    /// Whether the bucket answers: a listing of a prefix nothing uses, which fails on a missing
+    /// bucket or wrong credentials and costs one small request.
+    pub async fn reachable(&self) -> Result<(), object_store::Error> {
+        let probe = self.key(&[".ingestion-probe"]);
+        self.store
+            .list_with_delimiter(Some(&probe))
+            .await
+            .map(|_| ())
+    }
+
     /// The object key for `parts` below this bucket's prefix. Parts must already be normalised
     /// (no empty, `.` or `..` parts, no `/`): `sftp::paths` guarantees that for peer input.
     pub fn key<S: AsRef<str>>(&self, parts: &[S]) -> ObjectPath {

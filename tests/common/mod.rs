@@ -262,11 +262,17 @@ impl Server {
                 format!("s3://{bucket}-quarantine"),
             ),
         };
+        // Many servers run at once: each admin plane takes a free port unless a test chooses.
+        let admin_section = if sections.contains("[admin]") {
+            ""
+        } else {
+            "[admin]\nlisten = \"127.0.0.1:0\"\n"
+        };
         std::fs::write(
             dir.path().join("ingestion.toml"),
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n{extra_server}\n[buckets]\nlanding = \"{landing_url}\"\n\
-                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n{state_section}{sections}"
+                 quarantine = \"{quarantine_url}\"\n[users]\ndir = \"users\"\n{state_section}{admin_section}{sections}"
             ),
         )
         .unwrap();
@@ -318,6 +324,16 @@ impl Server {
         };
         server.wait_ready();
         server
+    }
+
+    /// The admin plane's base URL (`http://127.0.0.1:port`), from the last start's audit event.
+    pub fn admin_url(&self) -> String {
+        let started = self.events("service_started");
+        let address = started
+            .last()
+            .and_then(|event| event["admin"].as_str())
+            .expect("the admin plane is listening");
+        format!("http://{address}")
     }
 
     /// Kills the server with SIGKILL (no chance to clean up) and waits for it to be gone.
@@ -1155,5 +1171,42 @@ pub fn wait_until<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An HTTP answer as curl got it.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body))
+    }
+}
+
+/// A GET with curl, with a bearer token when given.
+pub fn http_get(url: &str, token: Option<&str>) -> HttpAnswer {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
+    let mut command = Command::new("curl");
+    command.args(["-sS", "--max-time", "30", "-o", "-", "-D"]);
+    command.arg(&headers);
+    command.args(["-w", "\n%{http_code}"]);
+    if let Some(token) = token {
+        command.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let output = command.arg(url).output().unwrap();
+    assert!(output.status.success(), "curl {url}: {}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap();
+    HttpAnswer {
+        status: status.trim().parse().unwrap(),
+        headers: std::fs::read_to_string(headers).unwrap_or_default(),
+        body: body.to_string(),
     }
 }

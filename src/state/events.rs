@@ -1,0 +1,129 @@
+//! The audit trail's copy in the state database: every line the audit file gets, stored with the
+//! fields the admin API and dashboard search by (time, event, user, job), so that the events of all
+//! nodes can be read in one place. The file, with its hash chain, stays the record of truth; these
+//! rows hold the same lines, `prev` included.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{State, StateError};
+
+/// One audit line to store.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub time: String,
+    pub event: String,
+    pub username: Option<String>,
+    pub job: Option<i64>,
+    /// The JSON line exactly as appended to the audit file.
+    pub line: String,
+}
+
+/// One stored audit line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub time: String,
+    pub event: String,
+    pub username: Option<String>,
+    pub job: Option<i64>,
+    pub line: String,
+}
+
+fn event_from_row(row: &AnyRow) -> Result<StoredEvent, StateError> {
+    Ok(StoredEvent {
+        id: row.try_get("id")?,
+        time: row.try_get("time")?,
+        event: row.try_get("event")?,
+        username: row.try_get("username")?,
+        job: row.try_get("job_id")?,
+        line: row.try_get("line")?,
+    })
+}
+
+impl State {
+    /// Stores audit lines, in one transaction.
+    pub async fn insert_audit_events(&self, records: &[AuditRecord]) -> Result<(), StateError> {
+        let mut transaction = self.pool.begin().await?;
+        for record in records {
+            sqlx::query(
+                "INSERT INTO audit_events (time, event, username, job_id, line) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&record.time)
+            .bind(&record.event)
+            .bind(record.username.as_deref())
+            .bind(record.job)
+            .bind(&record.line)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The audit lines about one job, oldest first.
+    pub async fn job_events(&self, job: i64) -> Result<Vec<StoredEvent>, StateError> {
+        let rows = sqlx::query(
+            "SELECT id, time, event, username, job_id, line FROM audit_events \
+             WHERE job_id = $1 ORDER BY id LIMIT 1000",
+        )
+        .bind(job)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The most recent audit lines, newest first.
+    pub async fn recent_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StateError> {
+        let rows = sqlx::query(
+            "SELECT id, time, event, username, job_id, line FROM audit_events \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::state;
+    use super::*;
+
+    fn record(event: &str, job: Option<i64>) -> AuditRecord {
+        AuditRecord {
+            time: "2026-12-04T10:00:00.000Z".into(),
+            event: event.into(),
+            username: Some("acme".into()),
+            job,
+            line: format!("{{\"event\":\"{event}\"}}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_lines_are_stored_and_found_by_job() {
+        let (_dir, state) = state().await;
+        state
+            .insert_audit_events(&[
+                record("close", Some(7)),
+                record("connect", None),
+                record("delivered", Some(7)),
+            ])
+            .await
+            .unwrap();
+        let of_job: Vec<_> = state
+            .job_events(7)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| event.event)
+            .collect();
+        assert_eq!(of_job, ["close", "delivered"]);
+        let recent = state.recent_events(2).await.unwrap();
+        assert_eq!(recent[0].event, "delivered");
+        assert_eq!(recent.len(), 2);
+        assert_eq!(recent[1].line, "{\"event\":\"connect\"}");
+    }
+}
