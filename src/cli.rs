@@ -386,6 +386,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         state,
         audit,
         config.server.max_file_size,
+        config.receipts,
         ssh_config(host_key, config.server.algorithms),
         config.server.proxy_protocol_from.clone(),
     ));

@@ -54,6 +54,19 @@ pub struct Config {
     /// What happens when a routed file's name is already taken at its destination.
     pub on_conflict: OnConflict,
     pub admin: Admin,
+    pub receipts: Receipts,
+}
+
+/// What suppliers' receipts show: the read-only `/.receipts` folder of their SFTP view, one text
+/// per upload with when it was received, its size, SHA-256 and outcome.
+///
+/// # Defaults
+/// No scanner signature names: a quarantined file's receipt says only whether it was infected or
+/// unscannable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Receipts {
+    /// A receipt of a file quarantined as infected names the signature the scanner found.
+    pub show_signature: bool,
 }
 
 /// The admin plane: health checks, Prometheus metrics, the transfers API and the dashboard.
@@ -294,6 +307,8 @@ struct RawConfig {
     delivery: RawDelivery,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    receipts: RawReceipts,
 }
 
 #[derive(Deserialize, Default)]
@@ -303,6 +318,13 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     /// NAME of the environment variable holding the API and dashboard token.
     token_env: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReceipts {
+    /// Whether the receipt of a file quarantined as infected names the scanner's signature.
+    show_signature: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -717,6 +739,14 @@ impl Config {
             },
         };
 
+        let receipts = Receipts {
+            show_signature: raw
+                .receipts
+                .show_signature
+                .as_ref()
+                .is_some_and(|show| *show.get_ref()),
+        };
+
         let problems = report.finish();
         match (listen, max_file_size, landing, quarantine, database) {
             (
@@ -758,6 +788,7 @@ impl Config {
                     limits,
                     on_conflict,
                     admin,
+                    receipts,
                 })
             }
             _ => Err(problems),
@@ -1450,6 +1481,33 @@ database = "mysql://x"
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn receipts_section() {
+        let config = Config::parse(Path::new("c.toml"), MINIMAL).unwrap();
+        assert_eq!(config.receipts, Receipts::default());
+        assert!(!config.receipts.show_signature);
+        let text = format!("{MINIMAL}[receipts]\nshow_signature = true\n");
+        let config = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert!(config.receipts.show_signature);
+        for (section, wrong) in [
+            ("[receipts]\nshow_signatures = true\n", "show_signatures"),
+            (
+                "[receipts]\nshow_signature = \"yes\"\n",
+                "expected a boolean",
+            ),
+        ] {
+            let text = format!("{MINIMAL}{section}");
+            let problems = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+            assert_eq!(problems.0.len(), 1, "{problems}");
+            assert!(problems.to_string().contains(wrong), "{problems}");
+            assert_eq!(
+                problems.0[0].position.map(|(line, _)| line),
+                Some(6),
+                "{problems}"
+            );
+        }
     }
 
     #[test]

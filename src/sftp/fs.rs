@@ -1,10 +1,11 @@
 //! What one logged-in user sees: their home in the landing bucket and, for egress users, `/upload`
-//! (the home) and `/download` (their egress area, read-only).
+//! (the home) and `/download` (their egress area, read-only); for every user, `/.receipts` (receipts
+//! of their uploads, read-only, left out of the root's listing).
 //!
-//! Owns the permission rules (upload-only home, read-only download, nothing outside) and the mapping
-//! from a normalised [`VirtualPath`] to a storage key. Folders are kept in the state database since
-//! object stores have none. It never decides where a file is delivered, and never parses raw peer
-//! paths: it only takes what `paths::normalise` produced.
+//! Owns the permission rules (upload-only home, read-only download and receipts, nothing outside)
+//! and the mapping from a normalised [`VirtualPath`] to a storage key. Folders are kept in the state
+//! database since object stores have none. It never decides where a file is delivered, and never
+//! parses raw peer paths: it only takes what `paths::normalise` produced.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,8 +16,9 @@ use russh_sftp::protocol::{File, FileAttributes, OpenFlags, StatusCode};
 
 use super::partial::{LandingUpload, Target, discard_partial};
 use super::paths::{PathError, VirtualPath};
+use super::receipts::{self, RECEIPTS_DIR};
 use crate::config::User;
-use crate::state::{Partial, PathBusy, State, StateError};
+use crate::state::{Job, Partial, PathBusy, State, StateError};
 use crate::storage::{Bucket, Download};
 
 /// Most entries one directory listing may return.
@@ -90,6 +92,16 @@ enum Area {
     Home(VirtualPath),
     /// A path inside the egress area, relative to it.
     Download(VirtualPath),
+    /// A path inside `/.receipts`, relative to it (the same as the home's path it tells about).
+    Receipts(VirtualPath),
+}
+
+/// What a path inside `/.receipts` is.
+enum Receipt {
+    /// The folder itself, or a folder of the home holding uploads with receipts.
+    Folder,
+    /// The receipt of an upload: its latest job.
+    Of(Box<Job>),
 }
 
 /// A file or folder found by `stat`.
@@ -107,6 +119,8 @@ pub enum Opened {
         replaced_partial: Option<u64>,
     },
     Download(Download),
+    /// A receipt: its text, made when it was opened.
+    Receipt(bytes::Bytes),
 }
 
 /// How long the SFTP side may hold a path's jobs while it changes the file.
@@ -124,9 +138,11 @@ pub struct UserView {
     /// Lease owner name for this session's holds on paths.
     holder: String,
     temporary_names: Arc<crate::config::TemporaryNames>,
+    receipts: crate::config::Receipts,
 }
 
 impl UserView {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         user: Arc<User>,
         landing: Bucket,
@@ -135,6 +151,7 @@ impl UserView {
         max_file_size: u64,
         session: &str,
         temporary_names: Arc<crate::config::TemporaryNames>,
+        receipts: crate::config::Receipts,
     ) -> UserView {
         UserView {
             user,
@@ -148,6 +165,7 @@ impl UserView {
                 crate::storage::hex(&rand::random::<[u8; 4]>())
             ),
             temporary_names,
+            receipts,
         }
     }
 
@@ -220,6 +238,9 @@ impl UserView {
     }
 
     fn area(&self, path: &VirtualPath) -> Result<Area, SftpError> {
+        if let Some(rest) = path.strip_prefix(RECEIPTS_DIR) {
+            return Ok(Area::Receipts(rest));
+        }
         if self.egress.is_none() {
             return Ok(Area::Home(path.clone()));
         }
@@ -253,6 +274,23 @@ impl UserView {
             Area::Download(_) => Err(SftpError::denied(format!(
                 "{path}: /download is read-only; upload into /upload"
             ))),
+            Area::Receipts(_) => Err(SftpError::denied(receipts::READ_ONLY)),
+        }
+    }
+
+    /// Why a file opened for reading cannot be written to.
+    pub fn read_only(&self, path: &VirtualPath) -> SftpError {
+        self.writable(path)
+            .err()
+            .unwrap_or_else(|| SftpError::denied(format!("{path} is open for reading only")))
+    }
+
+    /// Setting times or modes is accepted and ignored (see `session`), except in `/.receipts`, where
+    /// every change is refused.
+    pub fn check_setstat(&self, path: &VirtualPath) -> Result<(), SftpError> {
+        match self.area(path)? {
+            Area::Receipts(_) => Err(SftpError::denied(receipts::READ_ONLY)),
+            Area::Root | Area::Home(_) | Area::Download(_) => Ok(()),
         }
     }
 
@@ -289,6 +327,49 @@ impl UserView {
                 self.stat_in(bucket, bucket.key(rest.parts()), None, path)
                     .await
             }
+            Area::Receipts(rest) => match self.receipt(&rest, path).await? {
+                Receipt::Folder => Ok(Entry::Folder),
+                Receipt::Of(job) => Ok(self.receipt_entry(&job)),
+            },
+        }
+    }
+
+    /// What a path inside `/.receipts` is. A name that is both a folder of receipts and the
+    /// receipt of an upload (`a.txt/…` and `a`) is the folder, here and in listings.
+    async fn receipt(&self, rest: &VirtualPath, shown: &VirtualPath) -> Result<Receipt, SftpError> {
+        let username = &self.user.username;
+        if rest.is_root()
+            || self
+                .state
+                .has_receipts_below(username, &rest.relative())
+                .await?
+        {
+            return Ok(Receipt::Folder);
+        }
+        if let Some(upload) = rest.name().and_then(receipts::upload_name) {
+            let path = rest.parent().join(upload).relative();
+            if let Some(job) = self.state.receipt_job(username, &path).await? {
+                return Ok(Receipt::Of(Box::new(job)));
+            }
+        }
+        Err(SftpError::not_found(shown))
+    }
+
+    /// The text of a job's receipt.
+    fn receipt_text(&self, job: &Job) -> String {
+        let shown = if self.egress.is_some() {
+            format!("/{UPLOAD_DIR}/{}", job.path)
+        } else {
+            format!("/{}", job.path)
+        };
+        receipts::render(job, &shown, self.receipts.show_signature)
+    }
+
+    /// A receipt as a file: its size is its text's, to the byte, since clients read up to it.
+    fn receipt_entry(&self, job: &Job) -> Entry {
+        Entry::File {
+            size: self.receipt_text(job).len() as u64,
+            modified: receipts::modified(job),
         }
     }
 
@@ -357,11 +438,13 @@ impl UserView {
 
     /// Lists a folder: files and folders directly inside it.
     pub async fn list(&self, path: &VirtualPath) -> Result<Vec<File>, SftpError> {
+        let area = self.area(path)?;
+        let writable = !matches!(area, Area::Download(_) | Area::Receipts(_));
         let mut files = vec![
-            File::new(".", folder_attrs(true)),
+            File::new(".", folder_attrs(writable)),
             File::new("..", folder_attrs(true)),
         ];
-        match self.area(path)? {
+        match area {
             Area::Root => {
                 files.push(File::new(UPLOAD_DIR, folder_attrs(true)));
                 files.push(File::new(DOWNLOAD_DIR, folder_attrs(false)));
@@ -369,13 +452,18 @@ impl UserView {
             Area::Home(home) => {
                 self.require_folder(path).await?;
                 let mut names = std::collections::BTreeSet::new();
+                if path.is_root() {
+                    // Hidden: `/.receipts` is the receipts', whatever the home holds by that name.
+                    names.insert(RECEIPTS_DIR.to_string());
+                }
                 for name in self
                     .state
                     .child_folders(&self.user.username, &home.relative())
                     .await?
                 {
-                    names.insert(name.clone());
-                    files.push(File::new(name, folder_attrs(true)));
+                    if names.insert(name.clone()) {
+                        files.push(File::new(name, folder_attrs(true)));
+                    }
                 }
                 // Interrupted uploads show with the size to resume from, in place of older files.
                 for (name, partial) in self
@@ -409,6 +497,14 @@ impl UserView {
                 )
                 .await?;
             }
+            Area::Receipts(rest) => {
+                if let Receipt::Of(_) = self.receipt(&rest, path).await? {
+                    return Err(SftpError::failure(format!(
+                        "{path} is a file, not a folder"
+                    )));
+                }
+                self.list_receipts(&rest, &mut files).await?;
+            }
         }
         if files.len() > MAX_LISTING {
             return Err(SftpError::failure(format!(
@@ -416,6 +512,42 @@ impl UserView {
             )));
         }
         Ok(files)
+    }
+
+    /// The receipts and folders of receipts directly inside a folder of `/.receipts`; each query
+    /// stops at one more than a listing may hold, so that an over-full folder is told.
+    async fn list_receipts(
+        &self,
+        rest: &VirtualPath,
+        files: &mut Vec<File>,
+    ) -> Result<(), SftpError> {
+        let username = &self.user.username;
+        let folder = rest.relative();
+        let mut names = std::collections::BTreeSet::new();
+        for name in self
+            .state
+            .receipt_folders_in(username, &folder, MAX_LISTING + 1)
+            .await?
+        {
+            if names.insert(name.clone()) {
+                files.push(File::new(name, folder_attrs(false)));
+            }
+        }
+        for job in self
+            .state
+            .receipt_jobs_in(username, &folder, MAX_LISTING + 1)
+            .await?
+        {
+            let upload = job.path.rsplit('/').next().unwrap_or_default();
+            let name = receipts::receipt_name(upload);
+            if names.insert(name.clone()) {
+                files.push(File::new(
+                    name,
+                    file_attrs(&self.receipt_entry(&job), false),
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn list_in(
@@ -622,7 +754,8 @@ impl UserView {
         Ok(())
     }
 
-    /// Names a local folder cannot hold: object_store stages uploads as `name#<digits>`.
+    /// Names a home cannot hold: object_store stages uploads as `name#<digits>`, and `.receipts` at
+    /// the top of the home would be hidden behind `/.receipts`.
     fn check_name(&self, home: &VirtualPath) -> Result<(), SftpError> {
         let name = home.name().unwrap_or_default();
         if crate::storage::is_staging_name(name) {
@@ -630,10 +763,16 @@ impl UserView {
                 "names ending in `#` and digits are reserved for uploads in progress; rename `{name}`"
             )));
         }
+        if name == RECEIPTS_DIR && home.parent().is_root() {
+            return Err(SftpError::denied(format!(
+                "`{RECEIPTS_DIR}` is reserved for /.receipts, which holds receipts of your uploads; \
+                 choose another name"
+            )));
+        }
         Ok(())
     }
 
-    /// Opens a file: writing into the home (upload), or reading from `/download`.
+    /// Opens a file: writing into the home (upload), or reading from `/download` or `/.receipts`.
     pub async fn open(&self, path: &VirtualPath, flags: OpenFlags) -> Result<Opened, SftpError> {
         let writing = flags.intersects(
             OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE,
@@ -654,6 +793,11 @@ impl UserView {
                     )),
                 }
             }
+            Area::Receipts(_) if writing => Err(SftpError::denied(receipts::READ_ONLY)),
+            Area::Receipts(rest) => match self.receipt(&rest, path).await? {
+                Receipt::Folder => Err(SftpError::failure(format!("{path} is a folder"))),
+                Receipt::Of(job) => Ok(Opened::Receipt(self.receipt_text(&job).into())),
+            },
             Area::Home(_) | Area::Root if reading => Err(SftpError::denied(format!(
                 "{path}: uploaded files cannot be read back (this account is upload-only)"
             ))),
@@ -781,7 +925,8 @@ pub fn file_attrs(entry: &Entry, uploaded: bool) -> FileAttributes {
     }
 }
 
-/// Whether `path` is inside the writable area (for attributes of `stat` results).
-pub fn in_download_area(view: &UserView, path: &VirtualPath) -> bool {
-    matches!(view.area(path), Ok(Area::Download(_)))
+/// Whether `path` is inside a read-only area, `/download` or `/.receipts` (for attributes of `stat`
+/// results).
+pub fn in_read_only_area(view: &UserView, path: &VirtualPath) -> bool {
+    matches!(view.area(path), Ok(Area::Download(_) | Area::Receipts(_)))
 }

@@ -10,6 +10,7 @@ pub mod guard;
 pub mod partial;
 pub mod paths;
 mod proxy;
+mod receipts;
 mod server;
 mod session;
 

@@ -125,6 +125,7 @@ pub struct FrontDoor {
     state: State,
     audit: Arc<Audit>,
     max_file_size: u64,
+    receipts: crate::config::Receipts,
     ssh: Arc<russh::server::Config>,
     /// Every open connection, so that a shutdown can wait for them.
     connections: tokio_util::task::TaskTracker,
@@ -146,6 +147,7 @@ impl FrontDoor {
         state: State,
         audit: Arc<Audit>,
         max_file_size: u64,
+        receipts: crate::config::Receipts,
         ssh: russh::server::Config,
         proxy_from: Vec<ipnet::IpNet>,
     ) -> FrontDoor {
@@ -160,6 +162,7 @@ impl FrontDoor {
             state,
             audit,
             max_file_size,
+            receipts,
             ssh: Arc::new(ssh),
             connections: tokio_util::task::TaskTracker::new(),
             proxy_from,
@@ -643,6 +646,7 @@ impl Handler for Connection {
                 self.door.max_file_size,
                 &session_of(&self.subject),
                 self.door.temporary_names.clone(),
+                self.door.receipts,
             ),
             state: self.door.state.clone(),
             audit: self.door.audit.clone(),

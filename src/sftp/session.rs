@@ -20,7 +20,7 @@ use russh_sftp::protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::fs::{Entry, Opened, SftpError, UserView, file_attrs, in_download_area};
+use super::fs::{Entry, Opened, SftpError, UserView, file_attrs, in_read_only_area};
 use super::partial::{LandingUpload, WriteError};
 use super::paths::{AboveRoot, VirtualPath, normalise};
 use crate::audit::{Audit, Event, Subject};
@@ -382,7 +382,9 @@ impl Session {
             Packet::SetStat(setstat) => {
                 let id = setstat.id;
                 self.spawn(id, move |session| async move {
-                    let entry = session.stat(id, &setstat.path).await?;
+                    let path = parse_path(&setstat.path)?;
+                    session.ctx.view.check_setstat(&path)?;
+                    let entry = session.stat_path(id, &path).await?;
                     match (setstat.attrs.size, entry) {
                         (Some(size), Packet::Attrs(attrs)) if attrs.attrs.size != Some(size) => {
                             Err(size_change())
@@ -669,9 +671,12 @@ impl Worker {
     }
 
     async fn stat(&self, id: u32, raw: &str) -> Result<Packet, SftpError> {
-        let path = parse_path(raw)?;
-        let entry = self.ctx.view.stat(&path).await?;
-        let uploaded = !in_download_area(&self.ctx.view, &path);
+        self.stat_path(id, &parse_path(raw)?).await
+    }
+
+    async fn stat_path(&self, id: u32, path: &VirtualPath) -> Result<Packet, SftpError> {
+        let entry = self.ctx.view.stat(path).await?;
+        let uploaded = !in_read_only_area(&self.ctx.view, path);
         Ok(Packet::Attrs(Attrs {
             id,
             attrs: file_attrs(&entry, uploaded),
@@ -767,14 +772,10 @@ impl Worker {
                 });
             }
             Opened::Download(download) => {
-                ctx.audit(Event::Open {
-                    path: path.to_string(),
-                    mode: "read",
-                });
-                tokio::spawn(async move {
-                    run_download(&ctx, &path, download, queue, &replies).await;
-                    drop(alive);
-                });
+                start_read(ctx, path, Source::Stored(download), queue, replies, alive);
+            }
+            Opened::Receipt(text) => {
+                start_read(ctx, path, Source::Text(text), queue, replies, alive);
             }
         }
         Ok(Packet::Handle(Handle { id, handle }))
@@ -991,11 +992,61 @@ async fn finish_upload(
     }
 }
 
-/// Serves one file opened for download until CLOSE or the end of the session.
-async fn run_download(
+/// What a file opened for reading serves.
+enum Source {
+    /// An object, from `/download`.
+    Stored(Download),
+    /// A text made when the file was opened: a receipt.
+    Text(Bytes),
+}
+
+impl Source {
+    fn size(&self) -> u64 {
+        match self {
+            Source::Stored(download) => download.size(),
+            Source::Text(text) => text.len() as u64,
+        }
+    }
+
+    /// Up to `len` bytes at `offset`; empty at the end of the file.
+    async fn read(&mut self, offset: u64, len: usize) -> Result<Bytes, SftpError> {
+        match self {
+            Source::Stored(download) => Ok(download.read(offset, len).await?),
+            Source::Text(text) => {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(text.len());
+                let end = start.saturating_add(len).min(text.len());
+                Ok(text.slice(start..end))
+            }
+        }
+    }
+}
+
+/// Audits the opening of a file for reading and starts serving it.
+fn start_read(
+    ctx: Arc<SessionContext>,
+    path: VirtualPath,
+    source: Source,
+    queue: mpsc::Receiver<FileRequest>,
+    replies: mpsc::Sender<Packet>,
+    alive: mpsc::Sender<()>,
+) {
+    ctx.audit(Event::Open {
+        path: path.to_string(),
+        mode: "read",
+    });
+    tokio::spawn(async move {
+        run_read(&ctx, &path, source, queue, &replies).await;
+        drop(alive);
+    });
+}
+
+/// Serves one file opened for reading until CLOSE or the end of the session.
+async fn run_read(
     ctx: &SessionContext,
     path: &VirtualPath,
-    mut download: Download,
+    mut source: Source,
     mut queue: mpsc::Receiver<FileRequest>,
     replies: &mpsc::Sender<Packet>,
 ) {
@@ -1003,10 +1054,7 @@ async fn run_download(
     while let Some(request) = queue.recv().await {
         let reply = match request {
             FileRequest::Read { id, offset, len } => {
-                match download
-                    .read(offset, len.min(MAX_READ_WRITE) as usize)
-                    .await
-                {
+                match source.read(offset, len.min(MAX_READ_WRITE) as usize).await {
                     Ok(data) if data.is_empty() => status(id, StatusCode::Eof, "end of file"),
                     Ok(data) => {
                         sent += data.len() as u64;
@@ -1016,25 +1064,24 @@ async fn run_download(
                             data: data.to_vec(),
                         })
                     }
-                    Err(error) => error_reply(id, error.into()),
+                    Err(error) => error_reply(id, error),
                 }
             }
-            FileRequest::Write { id, .. } => status(
-                id,
-                StatusCode::PermissionDenied,
-                "/download is read-only; upload into /upload",
-            ),
+            FileRequest::Write { id, .. } => error_reply(id, ctx.view.read_only(path)),
             FileRequest::Stat { id } => Packet::Attrs(Attrs {
                 id,
                 attrs: file_attrs(
                     &Entry::File {
-                        size: download.size(),
+                        size: source.size(),
                         modified: 0,
                     },
                     false,
                 ),
             }),
-            FileRequest::SetStat { id, .. } => ok(id),
+            FileRequest::SetStat { id, .. } => match ctx.view.check_setstat(path) {
+                Ok(()) => ok(id),
+                Err(error) => error_reply(id, error),
+            },
             FileRequest::Close { id, done } => {
                 ctx.audit(Event::Download {
                     path: path.to_string(),

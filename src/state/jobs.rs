@@ -28,6 +28,14 @@ macro_rules! open_states {
     };
 }
 
+/// States of the jobs that get a receipt: all but those that never reached the pipeline because
+/// a later upload replaced their bytes (`superseded`) or their owner removed the file (`removed`).
+macro_rules! receipt_states {
+    () => {
+        "('held', 'landed', 'clean', 'infected', 'unscannable', 'delivered', 'quarantined', 'failed')"
+    };
+}
+
 /// Every column of a job row, in the order `job_from_row` reads them by name.
 macro_rules! columns {
     () => {
@@ -817,6 +825,114 @@ impl State {
     }
 }
 
+/// Where the names directly below a folder of a home end: the first `/` after `$2` (the folder's
+/// prefix, `sub/`). SQLite spells it `instr`, PostgreSQL `strpos`; the rest of the text is shared.
+macro_rules! receipt_folders {
+    ($find:literal) => {
+        concat!(
+            "SELECT DISTINCT substr(path, length($2) + 1, ",
+            $find,
+            "(substr(path, length($2) + 1), '/') - 1) AS name FROM jobs \
+             WHERE username = $1 AND state IN ",
+            receipt_states!(),
+            " AND substr(path, 1, length($2)) = $2 AND ",
+            $find,
+            "(substr(path, length($2) + 1), '/') > 0 ORDER BY name LIMIT $3"
+        )
+    };
+}
+
+/// The prefix of the paths inside a home folder (`""` for the home itself, else `folder/`).
+fn folder_prefix(folder: &str) -> String {
+    if folder.is_empty() {
+        String::new()
+    } else {
+        format!("{folder}/")
+    }
+}
+
+/// Receipts: a user's own jobs, read by path for the `/.receipts` folder of their SFTP view. Each
+/// path shows its latest job (highest id) among [`receipt_states`]; nothing here changes a job.
+impl State {
+    /// The latest job of one path of a user's home, if it has one that gets a receipt.
+    pub async fn receipt_job(&self, username: &str, path: &str) -> Result<Option<Job>, StateError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM jobs WHERE username = $1 AND path = $2 AND state IN ",
+            receipt_states!(),
+            " ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(username)
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// The latest job of each path directly inside `folder` of a user's home (`""`: the home
+    /// itself), by path, at most `limit` of them.
+    pub async fn receipt_jobs_in(
+        &self,
+        username: &str,
+        folder: &str,
+        limit: usize,
+    ) -> Result<Vec<Job>, StateError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs WHERE username = $1 AND state IN ",
+            receipt_states!(),
+            " AND substr(path, 1, length($2)) = $2 AND substr(path, length($2) + 1) NOT LIKE '%/%' \
+             GROUP BY path) ORDER BY path LIMIT $3"
+        ))
+        .bind(username)
+        .bind(folder_prefix(folder))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// The names of the folders directly inside `folder` of a user's home that hold, at any depth,
+    /// paths with a receipt; at most `limit` of them, by name.
+    pub async fn receipt_folders_in(
+        &self,
+        username: &str,
+        folder: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let rows = sqlx::query(
+            self.dialect
+                .pick(receipt_folders!("instr"), receipt_folders!("strpos")),
+        )
+        .bind(username)
+        .bind(folder_prefix(folder))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+    }
+
+    /// Whether a folder of a user's home holds, at any depth, a path with a receipt.
+    pub async fn has_receipts_below(
+        &self,
+        username: &str,
+        folder: &str,
+    ) -> Result<bool, StateError> {
+        let row = sqlx::query(concat!(
+            "SELECT id FROM jobs WHERE username = $1 AND state IN ",
+            receipt_states!(),
+            " AND substr(path, 1, length($2)) = $2 LIMIT 1"
+        ))
+        .bind(username)
+        .bind(folder_prefix(folder))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::state;
@@ -1054,6 +1170,147 @@ mod tests {
         assert_eq!(
             state.job(idle).await.unwrap().unwrap().state,
             JobState::Landed
+        );
+    }
+
+    #[tokio::test]
+    async fn receipts_show_each_paths_latest_job_of_one_user() {
+        let (_dir, state) = state().await;
+        let first = state.record_upload(&job("a.csv"), "s").await.unwrap();
+        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        assert_eq!(claimed.id, first);
+        state
+            .record_verdict(first, "w", &Verdict::Clean, "builtin", 1, "abc")
+            .await
+            .unwrap();
+        state
+            .finish(first, "w", JobState::Delivered, None)
+            .await
+            .unwrap();
+        for path in [
+            "in/b.csv",
+            "in/deep/c.csv",
+            "in/deep/d.csv",
+            "a%b/z.csv",
+            "gone.csv",
+        ] {
+            state.record_upload(&job(path), "s").await.unwrap();
+        }
+        // Uploaded again, then again before processing: the middle one is superseded.
+        state.record_upload(&job("again.csv"), "s").await.unwrap();
+        state
+            .hold_path("acme", "again.csv", "s2", HOLD)
+            .await
+            .unwrap()
+            .unwrap();
+        let again = state.record_upload(&job("again.csv"), "s2").await.unwrap();
+        state.release_path("acme", "again.csv", "s2").await.unwrap();
+        state
+            .hold_path("acme", "gone.csv", "s", HOLD)
+            .await
+            .unwrap()
+            .unwrap();
+        state.remove_landed("acme", "gone.csv", "s").await.unwrap();
+        let mut theirs = job("x.csv");
+        theirs.username = "other";
+        state.record_upload(&theirs, "s").await.unwrap();
+        // A later upload of a delivered path is its receipt (pending), not the delivered one.
+        let second = state.record_upload(&job("a.csv"), "s").await.unwrap();
+
+        let paths = |jobs: Vec<Job>| {
+            jobs.into_iter()
+                .map(|job| (job.path, job.id))
+                .collect::<Vec<_>>()
+        };
+        let top = state.receipt_jobs_in("acme", "", 100).await.unwrap();
+        assert_eq!(
+            paths(top),
+            [
+                ("a.csv".to_string(), second),
+                ("again.csv".to_string(), again)
+            ]
+        );
+        assert_eq!(
+            state.receipt_folders_in("acme", "", 100).await.unwrap(),
+            ["a%b", "in"]
+        );
+        assert_eq!(
+            state.receipt_folders_in("acme", "in", 100).await.unwrap(),
+            ["deep"]
+        );
+        assert!(
+            state
+                .receipt_folders_in("acme", "in/deep", 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let deep = state.receipt_jobs_in("acme", "in/deep", 100).await.unwrap();
+        assert_eq!(deep.len(), 2);
+        assert_eq!(
+            state
+                .receipt_jobs_in("acme", "in/deep", 1)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            state.receipt_jobs_in("acme", "in", 100).await.unwrap()[0].path,
+            "in/b.csv"
+        );
+        assert_eq!(
+            state.receipt_jobs_in("acme", "a%b", 100).await.unwrap()[0].path,
+            "a%b/z.csv"
+        );
+        for (folder, expected) in [
+            ("in", true),
+            ("in/deep", true),
+            ("a%b", true),
+            ("i", false),
+            ("a", false),
+            ("a.csv", false),
+            ("in/deep/c.csv", false),
+        ] {
+            assert_eq!(
+                state.has_receipts_below("acme", folder).await.unwrap(),
+                expected,
+                "{folder}"
+            );
+        }
+        assert_eq!(
+            state
+                .receipt_job("acme", "a.csv")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            second
+        );
+        assert_eq!(
+            state
+                .receipt_job("acme", "again.csv")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            again
+        );
+        assert_eq!(state.receipt_job("acme", "gone.csv").await.unwrap(), None);
+        assert_eq!(state.receipt_job("acme", "x.csv").await.unwrap(), None);
+        assert_eq!(
+            paths(state.receipt_jobs_in("other", "", 100).await.unwrap())
+                .into_iter()
+                .map(|(path, _)| path)
+                .collect::<Vec<_>>(),
+            ["x.csv"]
+        );
+        assert!(
+            state
+                .receipt_folders_in("other", "", 100)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
