@@ -445,12 +445,12 @@ fn admin_token(settings: &config::Admin) -> anyhow::Result<Option<String>> {
     let Some(secret) = &settings.token else {
         return Ok(None);
     };
-    let token = secret
-        .read()
-        .map_err(|error| anyhow!("admin.token_env: {error}; set it, or remove token_env"))?;
+    let token = secret.read().map_err(|error| {
+        anyhow!("[admin] token: {error}; provide it, or remove the token setting")
+    })?;
     if token.chars().count() < crate::admin::MIN_TOKEN_LENGTH {
         return Err(anyhow!(
-            "admin.token_env: the token in {} is shorter than {} characters; use a long random one \
+            "[admin] token: the token in {} is shorter than {} characters; use a long random one \
              (e.g. `openssl rand -hex 32`)",
             secret.describe(),
             crate::admin::MIN_TOKEN_LENGTH
@@ -533,9 +533,23 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
                  [server]\nlisten = \"127.0.0.1:{port}\"\nhost_key_dir = \"state/host_keys\"\n\
                  max_file_size = \"5 GiB\"\naudit_log = \"state/audit.jsonl\"\n\n\
                  [buckets]\nlanding = \"buckets/landing\"\nquarantine = \"buckets/quarantine\"\n\n\
-                 [state]\ndatabase = \"sqlite://state/ingestion.db\"\n\n[users]\ndir = \"users\"\n\n{scanner}"
+                 [state]\ndatabase = \"sqlite://state/ingestion.db\"\n\n[users]\ndir = \"users\"\n\n\
+                 [admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = \"state/admin_token\"\n\n{scanner}"
             ),
         )?;
+    }
+    let token_path = dir.join("state/admin_token");
+    if !token_path.exists() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir.join("state"))?;
+        let token = crate::storage::hex(&rand::random::<[u8; 32]>());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_path)?
+            .write_all(format!("{token}\n").as_bytes())?;
     }
     let key_path = dir.join("demo_key");
     if !key_path.exists() {
@@ -567,7 +581,9 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
         "\nQuickstart ready in {dir}. Upload a file with:\n\n  sftp -P {port} -i {key} -o UserKnownHostsFile={known} demo@{ip}\n\n\
          Clean files are delivered to {dir}/buckets/delivered/demo, infected ones to {dir}/buckets/quarantine;\n\
          `ingestion transfers list --config {dir}/ingestion.toml` shows each transfer; the audit log is \
-         {dir}/state/audit.jsonl.\n",
+         {dir}/state/audit.jsonl.\n\
+         The status dashboard is at http://127.0.0.1:9090/ (sign in with the token in {dir}/state/admin_token);\n\
+         metrics at http://127.0.0.1:9090/metrics, readiness at http://127.0.0.1:9090/readyz.\n",
         dir = dir.display(),
         port = listen.port(),
         key = key_path.display(),

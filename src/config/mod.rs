@@ -318,6 +318,8 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     /// NAME of the environment variable holding the API and dashboard token.
     token_env: Option<Spanned<String>>,
+    /// Or a file holding it (relative to this file), e.g. a systemd credential.
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -722,7 +724,7 @@ impl Config {
         let onboarding = parse_onboarding(&raw.onboarding, &mut report);
         let notify = parse_notify(&raw.notify, &mut report);
         let limits = parse_limits(&raw.limits, &mut report);
-        let admin = parse_admin(&raw.admin, &mut report);
+        let admin = parse_admin(&raw.admin, &base, &mut report);
         let on_conflict = match raw.delivery.on_conflict.as_ref() {
             None => OnConflict::Overwrite,
             Some(value) => match value.get_ref().as_str() {
@@ -1085,21 +1087,33 @@ fn parse_temporary_names(raw: &RawServer, report: &mut FileReporter) -> Temporar
     TemporaryNames { patterns, timeout }
 }
 
-fn parse_admin(raw: &RawAdmin, report: &mut FileReporter) -> Admin {
-    let token = raw
-        .token_env
-        .as_ref()
-        .and_then(|name| user::parse_env_name("admin.token_env", name, report));
+fn parse_admin(raw: &RawAdmin, base: &Path, report: &mut FileReporter) -> Admin {
+    let token = match (&raw.token_env, &raw.token_file) {
+        (Some(name), None) => user::parse_env_name("admin.token_env", name, report),
+        (None, Some(file)) => Some(Secret::File(base.join(file.get_ref()))),
+        (Some(name), Some(_)) => {
+            report.at(
+                Some(name.span()),
+                "admin.token_env",
+                "give token_env or token_file, not both",
+            );
+            None
+        }
+        (None, None) => None,
+    };
     let listen = match raw.listen.as_ref() {
         Some(value) if value.get_ref() == "off" => None,
         Some(value) => match value.get_ref().parse::<SocketAddr>() {
             Ok(address) => {
-                if !address.ip().is_loopback() && raw.token_env.is_none() {
+                if !address.ip().is_loopback()
+                    && raw.token_env.is_none()
+                    && raw.token_file.is_none()
+                {
                     report.at(
                         Some(value.span()),
                         "admin.listen",
                         "listening beyond loopback needs admin.token_env (the NAME of an environment \
-                         variable holding a long random token), or keep 127.0.0.1",
+                         variable holding a long random token) or admin.token_file, or keep 127.0.0.1",
                     );
                 }
                 Some(address)
@@ -1379,6 +1393,54 @@ database = "mysql://x"
         assert_eq!(problems.0.len(), 1);
         assert!(problems.0[0].message.contains("listen_port"), "{problems}");
         assert!(problems.0[0].position.is_some());
+    }
+
+    #[test]
+    fn admin_listens_on_loopback_and_needs_a_token_beyond_it() {
+        let config = Config::parse(Path::new("/etc/i/c.toml"), MINIMAL).unwrap();
+        assert_eq!(
+            config.admin,
+            Admin {
+                listen: Some("127.0.0.1:9090".parse().unwrap()),
+                token: None
+            }
+        );
+        let off = format!("{MINIMAL}[admin]\nlisten = \"off\"\n");
+        assert_eq!(
+            Config::parse(Path::new("c.toml"), &off)
+                .unwrap()
+                .admin
+                .listen,
+            None
+        );
+        let file = format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"t\"\n");
+        assert_eq!(
+            Config::parse(Path::new("/etc/i/c.toml"), &file)
+                .unwrap()
+                .admin
+                .token,
+            Some(Secret::File("/etc/i/t".into()))
+        );
+        for (text, field, words) in [
+            ("listen = \"0.0.0.0:9090\"", "admin.listen", "token_env"),
+            ("listen = \"localhost\"", "admin.listen", "127.0.0.1:9090"),
+            (
+                "token_env = \"abc\"",
+                "admin.token_env",
+                "environment variable name",
+            ),
+            (
+                "token_env = \"T\"\ntoken_file = \"t\"",
+                "admin.token_env",
+                "not both",
+            ),
+        ] {
+            let problems =
+                Config::parse(Path::new("c.toml"), &format!("{MINIMAL}[admin]\n{text}\n"))
+                    .unwrap_err();
+            assert_eq!(problems.0[0].field, field, "{text}: {problems}");
+            assert!(problems.0[0].message.contains(words), "{text}: {problems}");
+        }
     }
 
     #[test]

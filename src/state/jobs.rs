@@ -971,6 +971,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pages_totals_and_the_oldest_unfinished_job() {
+        let (_dir, state) = state().await;
+        assert_eq!(state.oldest_unfinished().await.unwrap(), None);
+        let ids = [
+            state.record_upload(&job("a.csv"), "s").await.unwrap(),
+            state.record_upload(&job("b.csv"), "s").await.unwrap(),
+            state.record_upload(&job("c.csv"), "s").await.unwrap(),
+        ];
+        let page = |before_id| JobFilter {
+            before_id,
+            limit: Some(2),
+            ..JobFilter::default()
+        };
+        let first = state.jobs(&page(None)).await.unwrap();
+        assert_eq!(
+            first.iter().map(|j| j.id).collect::<Vec<_>>(),
+            [ids[2], ids[1]]
+        );
+        let second = state.jobs(&page(Some(ids[1]))).await.unwrap();
+        assert_eq!(second.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[0]]);
+        let future = JobFilter {
+            since: Some("2999-01-01T00:00:00.000Z".into()),
+            ..JobFilter::default()
+        };
+        assert!(state.jobs(&future).await.unwrap().is_empty());
+        let totals = state.job_totals(None).await.unwrap();
+        assert_eq!(
+            totals,
+            [JobTotal {
+                state: "landed".into(),
+                jobs: 3,
+                bytes: 9
+            }]
+        );
+        assert!(
+            state
+                .job_totals(Some("2999-01-01T00:00:00.000Z"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let oldest = state.oldest_unfinished().await.unwrap().unwrap();
+        assert_eq!(
+            Some(oldest),
+            state.job(ids[0]).await.unwrap().map(|j| j.received_at)
+        );
+    }
+
+    #[tokio::test]
     async fn a_path_being_processed_cannot_be_held() {
         let (_dir, state) = state().await;
         state.record_upload(&job("a.csv"), "s").await.unwrap();
