@@ -538,8 +538,11 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
             ),
         )?;
     }
+    // The token of the dashboard this quickstart's configuration names (an older quickstart
+    // folder keeps its configuration, and its closed dashboard).
     let token_path = dir.join("state/admin_token");
-    if !token_path.exists() {
+    if !token_path.exists() && std::fs::read_to_string(&config_path)?.contains("state/admin_token")
+    {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::create_dir_all(dir.join("state"))?;

@@ -47,10 +47,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections closed before SSH started (banned address, too many waiting logins)"
+        "Connections closed before SSH started (banned address, too many waiting logins, a bad PROXY header)"
     );
     describe_counter!(BYTES_RECEIVED, "File bytes received over SFTP");
-    describe_counter!(BYTES_SENT, "File bytes sent over SFTP (downloads)");
+    describe_counter!(
+        BYTES_SENT,
+        "File bytes sent over SFTP (downloads and receipts)"
+    );
     describe_counter!(
         UPLOADS,
         "Uploads by outcome: completed (CLOSE), aborted, interrupted (kept to resume)"
@@ -67,7 +70,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     describe_gauge!(
         OLDEST_UNFINISHED,
-        "Age of the oldest job not yet delivered or quarantined (0 when none)"
+        "Age of the oldest job the pipeline has yet to finish: landed, scanned or failing (0 when none)"
     );
     describe_counter!(
         NOTIFICATIONS,
@@ -76,7 +79,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!(BANS, "Addresses banned now after repeated failed logins");
     describe_counter!(
         AUDIT_COPY_DROPPED,
-        "Audit lines written to the audit file but not copied to the state database"
+        "Audit lines written to the audit file that could not be queued for the state database copy"
     );
     for outcome in ["completed", "aborted", "interrupted"] {
         counter!(UPLOADS, "outcome" => outcome).absolute(0);
@@ -108,8 +111,10 @@ pub fn audited(event: &Event) {
         Event::ConnectionRefused { reason } => {
             let label = if reason.contains("banned") {
                 "banned"
-            } else {
+            } else if reason.contains("waiting to log in") {
                 "too_many_connections"
+            } else {
+                "bad_proxy_header"
             };
             counter!(CONNECTIONS_REFUSED, "reason" => label).increment(1);
         }
@@ -168,30 +173,39 @@ pub fn audit_copy_dropped() {
     counter!(AUDIT_COPY_DROPPED).increment(1);
 }
 
-/// Figures read at scrape time.
+/// Figures read at scrape time. Those the state database could not give are `None`, and their
+/// gauges keep their last values rather than dropping to zero while the database is down.
 #[derive(Debug, Default)]
 pub struct Scraped {
     /// Jobs by state name.
-    pub jobs: Vec<(String, i64)>,
-    pub oldest_unfinished: Option<Duration>,
+    pub jobs: Option<Vec<(String, i64)>>,
+    /// The oldest unfinished job's age (`Some(None)`: there is none).
+    pub oldest_unfinished: Option<Option<Duration>>,
     pub bans: usize,
 }
 
 impl Scraped {
     /// Sets the gauges these figures feed.
     pub fn publish(&self) {
-        for state in crate::state::JobState::ALL {
-            let count = self
-                .jobs
-                .iter()
-                .find(|(name, _)| name == state.as_str())
-                .map_or(0, |(_, count)| *count);
-            #[allow(clippy::cast_precision_loss)]
-            gauge!(JOBS, "state" => state.as_str()).set(count as f64);
+        if let Some(jobs) = &self.jobs {
+            publish_jobs(jobs);
         }
-        gauge!(OLDEST_UNFINISHED).set(self.oldest_unfinished.unwrap_or_default().as_secs_f64());
+        if let Some(oldest) = self.oldest_unfinished {
+            gauge!(OLDEST_UNFINISHED).set(oldest.unwrap_or_default().as_secs_f64());
+        }
         #[allow(clippy::cast_precision_loss)]
         gauge!(BANS).set(self.bans as f64);
+    }
+}
+
+fn publish_jobs(jobs: &[(String, i64)]) {
+    for state in crate::state::JobState::ALL {
+        let count = jobs
+            .iter()
+            .find(|(name, _)| name == state.as_str())
+            .map_or(0, |(_, count)| *count);
+        #[allow(clippy::cast_precision_loss)]
+        gauge!(JOBS, "state" => state.as_str()).set(count as f64);
     }
 }
 

@@ -127,18 +127,22 @@ pub async fn metrics(admin: Shared) -> Response {
     };
     match admin.state.job_totals(None).await {
         Ok(totals) => {
-            scraped.jobs = totals
-                .into_iter()
-                .map(|total| (total.state, total.jobs))
-                .collect();
+            scraped.jobs = Some(
+                totals
+                    .into_iter()
+                    .map(|total| (total.state, total.jobs))
+                    .collect(),
+            );
         }
         Err(error) => tracing::warn!(%error, "metrics: cannot count jobs"),
     }
     match admin.state.oldest_unfinished().await {
         Ok(oldest) => {
-            scraped.oldest_unfinished = oldest
-                .and_then(|at| humantime::parse_rfc3339(&at).ok())
-                .and_then(|at| at.elapsed().ok());
+            scraped.oldest_unfinished = Some(
+                oldest
+                    .and_then(|at| humantime::parse_rfc3339(&at).ok())
+                    .and_then(|at| at.elapsed().ok()),
+            );
         }
         Err(error) => tracing::warn!(%error, "metrics: cannot read the oldest job"),
     }

@@ -69,7 +69,7 @@ impl Pipeline {
         };
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
-        let mut bytes = object.into_stream().inspect_ok(|chunk: &Bytes| {
+        let mut bytes = crate::storage::byte_stream(object).inspect_ok(|chunk: &Bytes| {
             hasher.update(chunk);
             size += chunk.len() as u64;
         });
@@ -298,7 +298,7 @@ impl Pipeline {
         if !job.sha256.is_empty() {
             upload = upload.expect_sha256(&job.sha256);
         }
-        let mut stream = object.into_stream();
+        let mut stream = crate::storage::byte_stream(object);
         let mut offset = 0u64;
         let mut recorded: Option<String> = None;
         loop {
@@ -391,7 +391,7 @@ async fn holds_bytes(bucket: &Bucket, key: &ObjectPath, sha256: &str) -> Result<
         Err(error) => return Err(error.into()),
     };
     let mut hasher = Sha256::new();
-    let mut stream = object.into_stream();
+    let mut stream = crate::storage::byte_stream(object);
     while let Some(chunk) = stream.try_next().await? {
         hasher.update(&chunk);
     }

@@ -49,7 +49,7 @@ impl Download {
                 ..GetOptions::default()
             };
             let result = self.store.get_opts(&self.key, options).await?;
-            self.stream = Some(result.into_stream());
+            self.stream = Some(super::byte_stream(result));
             self.pending = Bytes::new();
             self.position = offset;
         }

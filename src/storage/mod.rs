@@ -8,7 +8,10 @@
 mod download;
 mod location;
 mod parts;
+mod read;
 mod upload;
+
+pub use read::byte_stream;
 
 use std::sync::Arc;
 
