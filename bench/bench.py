@@ -9,7 +9,9 @@ Usage: python3 bench/bench.py --binary PATH [--smoke] [--runs N] [--out DIR]
 """
 
 import argparse
+import datetime
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -82,16 +84,19 @@ def descendants(root):
 class Ours:
     name = "ingestion"
 
-    def __init__(self, work, binary, key_pub):
-        self.dir = work / "ours"
+    # No scanner answers: files stay in landing, so both servers do the same disk work.
+    QUIET_PIPELINE = ('[scanner]\nengine = "clamd"\nclamd = "tcp://127.0.0.1:9"\n'
+                      '[pipeline]\nretry_base = "1h"\nretry_cap = "1h"\n')
+
+    def __init__(self, work, binary, key_pub, folder="ours", scanner=QUIET_PIPELINE):
+        self.dir = work / folder
         (self.dir / "users").mkdir(parents=True)
         (self.dir / "egress").mkdir()
         self.port = free_port()
         (self.dir / "ingestion.toml").write_text(
             f'[admin]\nlisten = "off"\n[server]\nlisten = "127.0.0.1:{self.port}"\nmax_file_size = "20 GiB"\n'
             '[buckets]\nlanding = "buckets/landing"\nquarantine = "buckets/quarantine"\n[users]\ndir = "users"\n'
-            # No scanner answers: files stay in landing, so both servers do the same disk work.
-            '[scanner]\nengine = "clamd"\nclamd = "tcp://127.0.0.1:9"\n[pipeline]\nretry_base = "1h"\nretry_cap = "1h"\n'
+            + scanner +
             "[limits]\nmax_unauthenticated = 1000\nmax_unauthenticated_per_ip = 1000\nmax_sessions_per_user = 1000\n"
         )
         (self.dir / "users" / "bench.toml").write_text(
@@ -116,6 +121,18 @@ class Ours:
 
     def rss(self):
         return rss_kib([self.process.pid])
+
+    def peak_rss_kib(self):
+        """The process's high-water mark of resident memory (VmHWM)."""
+        for line in pathlib.Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise SystemExit("no VmHWM in /proc status")
+
+    def events(self, name):
+        audit = self.dir / "state" / "audit.jsonl"
+        lines = audit.read_text().splitlines() if audit.exists() else []
+        return [event for event in map(json.loads, lines) if event.get("event") == name]
 
     def stop(self):
         self.process.terminate()
@@ -181,6 +198,42 @@ class OpenSsh:
             self.process.kill()
 
 
+class Clamd:
+    """ClamAV's daemon on a free loopback port with a one-signature database (freshclam cannot
+    download here), as the tests start it."""
+
+    def __init__(self, work):
+        self.dir = work / "clamd"
+        (self.dir / "db").mkdir(parents=True)
+        eicar = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+        (self.dir / "db" / "custom.ndb").write_text(f"Custom.Test.EICAR-NDB:0:*:{eicar.hex()}\n")
+        self.port = free_port()
+        (self.dir / "clamd.conf").write_text(
+            f"DatabaseDirectory {self.dir / 'db'}\nTCPSocket {self.port}\nTCPAddr 127.0.0.1\nForeground yes\n"
+            f"StreamMaxLength 100M\nMaxFileSize 100M\nMaxScanSize 400M\nLogFile {self.dir / 'clamd.log'}\n"
+            f"TemporaryDirectory {self.dir}\n")
+        binary = shutil.which("clamd") or "/usr/sbin/clamd"
+        self.process = subprocess.Popen([binary, "--config-file", str(self.dir / "clamd.conf")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+                    connection.sendall(b"zPING\0")
+                    if connection.recv(5) == b"PONG\0":
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit("clamd did not start")
+
+    def address(self):
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 class Client:
     def __init__(self, work, key):
         self.key = key
@@ -203,6 +256,16 @@ class Client:
         return elapsed
 
 
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def alone(value, unit):
+    """A figure measured on our side only (OpenSSH has no scanning or delivery to compare)."""
+    return {"ingestion": {"median": value, "min": value, "max": value, "runs": [value]}, "unit": unit}
+
+
 def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
@@ -218,6 +281,65 @@ def paired(servers, runs, measure, higher_is_better=True):
         ours, theirs = pair
         ratios.append(ours / theirs if higher_is_better else theirs / ours)
     return {name: summary(values) for name, values in figures.items()} | {"ratio": summary(ratios)}
+
+
+def audit_time(event):
+    return datetime.datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+
+
+def wait_for_events(server, name, count, seconds):
+    deadline = time.monotonic() + seconds
+    while True:
+        events = server.events(name)
+        if len(events) >= count:
+            return events
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.name}: {len(events)} of {count} `{name}` events after {seconds}s")
+        time.sleep(0.5)
+
+
+def delivery_latency(work, binary, key_pub, client, data, cipher, files):
+    """Uploads `files` clean 1 MiB files in one session and measures, per file, the time from its
+    CLOSE to its delivery (audit `close` → `delivered`), with clamd scanning."""
+    clamd = Clamd(work)
+    server = Ours(work, binary, key_pub, folder="delivering",
+                  scanner=f'[scanner]\nengine = "clamd"\nclamd = "{clamd.address()}"\n')
+    try:
+        script = "".join(f"put {data / 'mib.bin'} {server.upload_dir}/l{index}.bin\n" for index in range(files))
+        client.run(server, cipher, script)
+        delivered = wait_for_events(server, "delivered", files, 600)
+        closed = {event["job"]: audit_time(event) for event in server.events("close")}
+        latencies = [(audit_time(event) - closed[event["job"]]).total_seconds() * 1000 for event in delivered]
+    finally:
+        server.stop()
+        clamd.stop()
+    name = f"close → delivered, {files} x 1 MiB, clamd"
+    return [
+        {"scenario": name, "cipher": cipher} | alone(percentile(latencies, 0.50), "ms p50 (target ≤ 100)"),
+        {"scenario": name, "cipher": cipher} | alone(percentile(latencies, 0.99), "ms p99 (target ≤ 500)"),
+    ]
+
+
+def large_file_memory(work, binary, key_pub, client, cipher, size):
+    """One upload of `size` bytes and its delivery (builtin scanner): the service's peak RSS."""
+    server = Ours(work, binary, key_pub, folder=f"memory-{size >> 20}",
+                  scanner='[scanner]\nengine = "builtin"\n')
+    source = work / "huge.bin"
+    try:
+        write_random(source, size)
+        client.run(server, cipher, f"put {source} {server.upload_dir}/huge.bin\n")
+        source.unlink()
+        wait_for_events(server, "delivered", 1, 3600)
+        delivered = server.dir / "buckets" / "delivered" / "huge.bin"
+        if delivered.stat().st_size != size:
+            raise SystemExit(f"the {size >> 20} MiB file was not delivered whole")
+        peak = server.peak_rss_kib() / 1024
+    finally:
+        server.stop()
+        source.unlink(missing_ok=True)
+        shutil.rmtree(server.dir, ignore_errors=True)
+    return {"scenario": f"one {size >> 20} MiB upload + delivery: peak RSS", "cipher": cipher} \
+        | alone(peak, "MiB (target ≤ 200, flat in size)")
 
 
 def main():
@@ -328,6 +450,14 @@ def main():
         for server in servers:
             server.stop()
 
+    # Our side only (OpenSSH neither scans nor delivers): CLOSE to delivery with a real clamd, and
+    # the memory one very large upload and its delivery take.
+    cipher = CIPHERS[0]
+    results["scenarios"] += delivery_latency(work, args.binary, key_pub, client, data, cipher,
+                                             10 if args.smoke else 200)
+    for size in ([8 << 20, 32 << 20] if args.smoke else [1 << 30, 6 << 30]):
+        results["scenarios"].append(large_file_memory(work, args.binary, key_pub, client, cipher, size))
+
     out = pathlib.Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
@@ -339,9 +469,11 @@ def main():
         "|---|---|---|---|---|---|",
     ]
     for s in results["scenarios"]:
-        cell = lambda f: f"{f['median']:.1f} [{f['min']:.1f}–{f['max']:.1f}]"
+        cell = lambda f: f"{f['median']:.1f} [{f['min']:.1f}–{f['max']:.1f}]" if f else "—"
+        ratio = s.get("ratio")
+        ratio = f"{ratio['median']:.2f} [{ratio['min']:.2f}–{ratio['max']:.2f}]" if ratio else "—"
         lines.append(f"| {s['scenario']} | {s['cipher']} | {s['unit']} | {cell(s['ingestion'])} | "
-                     f"{cell(s['OpenSSH'])} | {s['ratio']['median']:.2f} [{s['ratio']['min']:.2f}–{s['ratio']['max']:.2f}] |")
+                     f"{cell(s.get('OpenSSH'))} | {ratio} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
