@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use ingestion::state::JobState;
 
 struct Setup {
     files: tempfile::TempDir,
@@ -29,13 +28,6 @@ fn sections(smtp: &str) -> String {
     format!(
         "[scanner]\nengine = \"builtin\"\n[notify]\nsmtp_url = \"{smtp}\"\nemail_from = \"ingestion@example.org\"\n"
     )
-}
-
-fn all_final(jobs: &[ingestion::state::Job], count: usize) -> bool {
-    jobs.len() == count
-        && jobs
-            .iter()
-            .all(|job| matches!(job.state, JobState::Delivered | JobState::Quarantined))
 }
 
 fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {

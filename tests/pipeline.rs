@@ -31,19 +31,6 @@ fn clamd_sections(address: &str, pipeline: &str) -> String {
     )
 }
 
-fn all_final(jobs: &[Job], count: usize) -> bool {
-    jobs.len() == count
-        && jobs
-            .iter()
-            .all(|job| matches!(job.state, JobState::Delivered | JobState::Quarantined))
-}
-
-fn job<'a>(jobs: &'a [Job], path: &str) -> &'a Job {
-    jobs.iter()
-        .find(|job| job.path == path)
-        .unwrap_or_else(|| panic!("no job for {path}: {jobs:#?}"))
-}
-
 /// Clean, EICAR, EICAR inside a zip and a file over clamd's limit.
 struct Samples {
     clean: std::path::PathBuf,
@@ -341,10 +328,9 @@ fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy() {
 #[test]
 fn a_crash_between_copy_and_delete_converges_on_exactly_one_copy_on_s3() {
     let test = "a_crash_between_copy_and_delete_converges_on_exactly_one_copy_on_s3";
-    if !require_python("moto.server", test) || !require_python("boto3", test) {
+    let Some(moto) = require_moto(test) else {
         return;
-    }
-    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    };
     crash_between_copy_and_delete(test, Buckets::S3(&moto));
 }
 
@@ -400,10 +386,9 @@ fn on_s3_with_kms_every_bucket_is_s3_and_metadata_is_stored() {
     let Some(setup) = setup(test, true) else {
         return;
     };
-    if !require_python("moto.server", test) || !require_python("boto3", test) {
+    let Some(moto) = require_moto(test) else {
         return;
-    }
-    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    };
     let clamd = ClamdPeer::start_on_free_port();
     let kms = "arn:aws:kms:eu-west-2:123456789012:key/11111111-2222-3333-4444-555555555555";
     let mut user = UserSpec::new("acme", &setup.key);
@@ -718,10 +703,9 @@ fn a_crash_mid_copy_leaves_no_parts_behind() {
 #[test]
 fn a_crash_mid_copy_leaves_no_parts_behind_on_s3() {
     let test = "a_crash_mid_copy_leaves_no_parts_behind_on_s3";
-    if !require_python("moto.server", test) || !require_python("boto3", test) {
+    let Some(moto) = require_moto(test) else {
         return;
-    }
-    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
+    };
     crash_mid_copy(test, Buckets::S3(&moto));
 }
 

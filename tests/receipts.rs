@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use ingestion::state::{Job, JobState};
+use ingestion::state::JobState;
 
 const BUILTIN: &str = "[scanner]\nengine = \"builtin\"\n";
 
@@ -27,19 +27,6 @@ fn setup(test: &str) -> Option<Setup> {
     let acme = keygen(files.path(), "acme_key", &["-t", "ed25519"]);
     let other = keygen(files.path(), "other_key", &["-t", "ed25519"]);
     Some(Setup { files, acme, other })
-}
-
-fn all_final(jobs: &[Job], count: usize) -> bool {
-    jobs.len() == count
-        && jobs
-            .iter()
-            .all(|job| matches!(job.state, JobState::Delivered | JobState::Quarantined))
-}
-
-fn job<'a>(jobs: &'a [Job], path: &str) -> &'a Job {
-    jobs.iter()
-        .find(|job| job.path == path)
-        .unwrap_or_else(|| panic!("no job for {path}: {jobs:#?}"))
 }
 
 /// Downloads `remote` with `get` and returns its text.

@@ -290,17 +290,6 @@ fn expiry(test: &str, buckets: Buckets) {
     assert!(server.jobs().is_empty());
 }
 
-fn moto(test: &str) -> Option<Moto> {
-    if !require_python("moto.server", test) || !require_python("boto3", test) {
-        return None;
-    }
-    Some(Moto::start(&[
-        "landing-bucket",
-        "landing-bucket-quarantine",
-        "team-bucket",
-    ]))
-}
-
 #[test]
 fn an_interrupted_upload_is_kept_and_resumed_on_local_disk() {
     resume_scenarios(
@@ -312,7 +301,7 @@ fn an_interrupted_upload_is_kept_and_resumed_on_local_disk() {
 #[test]
 fn an_interrupted_upload_is_kept_and_resumed_on_s3() {
     let test = "an_interrupted_upload_is_kept_and_resumed_on_s3";
-    if let Some(moto) = moto(test) {
+    if let Some(moto) = require_moto(test) {
         resume_scenarios(test, Buckets::S3(&moto));
     }
 }
@@ -325,7 +314,7 @@ fn an_abandoned_partial_expires_on_local_disk() {
 #[test]
 fn an_abandoned_partial_expires_on_s3() {
     let test = "an_abandoned_partial_expires_on_s3";
-    if let Some(moto) = moto(test) {
+    if let Some(moto) = require_moto(test) {
         expiry(test, Buckets::S3(&moto));
     }
 }

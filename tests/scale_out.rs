@@ -97,13 +97,12 @@ fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
     let Some(postgres) = require_postgres(test) else {
         return;
     };
-    if !require_python("moto.server", test) || !require_python("boto3", test) {
+    let Some(moto) = require_moto(test) else {
         return;
-    }
+    };
     let database = ingestion::config::Database::Postgres {
         url: fresh_postgres_database(&postgres),
     };
-    let moto = Moto::start(&["landing-bucket", "landing-bucket-quarantine", "team-bucket"]);
     let buckets = Buckets::S3(&moto);
     let receiver = Receiver::start(&[]);
     let mut user = UserSpec::new("acme", &key);

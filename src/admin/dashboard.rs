@@ -322,28 +322,13 @@ mod tests {
     #[test]
     fn a_transfer_row_escapes_every_field() {
         let job = Job {
-            id: 1,
             username: "<u>".into(),
             path: "<script>x</script>.csv".into(),
-            size: 3,
-            sha256: String::new(),
-            state: JobState::Quarantined,
-            session: String::new(),
             received_at: "<t>".into(),
-            updated_at: String::new(),
-            attempts: 0,
-            last_error: None,
             verdict: Some(crate::state::Verdict::Infected {
                 signature: "<sig>".into(),
             }),
-            engine: None,
-            scanned_at: None,
-            scan_ms: None,
-            routed_to: None,
-            route_key: None,
-            copy_upload: None,
-            copied_at: None,
-            finished_at: None,
+            ..Job::example(JobState::Quarantined)
         };
         let mut body = String::new();
         transfers_table(&mut body, "T", "t", &[job]);

@@ -120,28 +120,7 @@ mod tests {
     use super::*;
 
     fn job(state: JobState) -> Job {
-        Job {
-            id: 7,
-            username: "acme".into(),
-            path: "sub/data.csv".into(),
-            size: 1234,
-            sha256: "ab".repeat(32),
-            state,
-            session: "0123456789abcdef".into(),
-            received_at: "2026-12-04T21:00:00.123Z".into(),
-            updated_at: "2026-12-04T21:00:01.456Z".into(),
-            attempts: 0,
-            last_error: None,
-            verdict: None,
-            engine: None,
-            scanned_at: None,
-            scan_ms: None,
-            routed_to: None,
-            route_key: None,
-            copy_upload: None,
-            copied_at: None,
-            finished_at: None,
-        }
+        Job::example(state)
     }
 
     fn delivered() -> Job {

@@ -844,6 +844,19 @@ impl Buckets<'_> {
 }
 
 /// A moto S3 server started for one test, with the buckets it needs.
+/// moto with the three buckets the S3 tests use (landing, its quarantine, a team's destination),
+/// or `None` (the test skips) when moto or boto3 is missing outside CI.
+pub fn require_moto(test: &str) -> Option<Moto> {
+    if !require_python("moto.server", test) || !require_python("boto3", test) {
+        return None;
+    }
+    Some(Moto::start(&[
+        "landing-bucket",
+        "landing-bucket-quarantine",
+        "team-bucket",
+    ]))
+}
+
 pub struct Moto {
     child: Child,
     pub endpoint: String,
@@ -1209,4 +1222,20 @@ pub fn http_get(url: &str, token: Option<&str>) -> HttpAnswer {
         headers: std::fs::read_to_string(headers).unwrap_or_default(),
         body: body.to_string(),
     }
+}
+
+/// Whether there are `count` jobs, each delivered or quarantined.
+pub fn all_final(jobs: &[ingestion::state::Job], count: usize) -> bool {
+    use ingestion::state::JobState;
+    jobs.len() == count
+        && jobs
+            .iter()
+            .all(|job| matches!(job.state, JobState::Delivered | JobState::Quarantined))
+}
+
+/// The job of `path` among `jobs`.
+pub fn job<'a>(jobs: &'a [ingestion::state::Job], path: &str) -> &'a ingestion::state::Job {
+    jobs.iter()
+        .find(|job| job.path == path)
+        .unwrap_or_else(|| panic!("no job for {path}: {jobs:#?}"))
 }
