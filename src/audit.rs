@@ -252,6 +252,13 @@ struct Line<'a> {
     event: &'a Event,
 }
 
+/// The fields of a line the database copy is searched by.
+#[derive(serde::Deserialize)]
+struct LineKeys {
+    event: String,
+    job: Option<i64>,
+}
+
 /// The audit sink.
 #[derive(Debug)]
 pub struct Audit {
@@ -339,14 +346,15 @@ impl Audit {
             subject,
             event,
         };
-        let value = serde_json::to_value(&line).map_err(std::io::Error::other)?;
-        let text = value.to_string();
+        // Serialised from the struct, so that fields keep their order (time first) in the file.
+        let text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
         file.write_all(format!("{text}\n").as_bytes())?;
+        let keys: LineKeys = serde_json::from_str(&text).map_err(std::io::Error::other)?;
         Ok(AuditRecord {
             time,
-            event: value["event"].as_str().unwrap_or_default().to_string(),
+            event: keys.event,
             username: subject.user.clone(),
-            job: value["job"].as_i64(),
+            job: keys.job,
             line: text,
         })
     }
@@ -493,6 +501,7 @@ mod tests {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
         assert_eq!(lines.len(), 2);
+        assert!(text.starts_with("{\"time\":"), "time comes first: {text}");
         assert_eq!(lines[0]["prev"], GENESIS);
         assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 2 });
         assert_eq!(lines[0]["event"], "remove");

@@ -6,8 +6,8 @@
 use std::io::{Read, Seek, SeekFrom};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{GetResult, GetResultPayload};
 
 /// Bytes read from a local file per blocking call: large enough to amortise the hand-off to the
@@ -19,24 +19,15 @@ pub fn byte_stream(result: GetResult) -> BoxStream<'static, object_store::Result
     match result.payload {
         GetResultPayload::File(file, path) => {
             let range = result.range;
-            let start = futures::stream::once(async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut file = file;
-                    file.seek(SeekFrom::Start(range.start))
-                        .map_err(|error| local_error(&path, error))?;
-                    Ok((file, path, range.end.saturating_sub(range.start)))
-                })
-                .await
-                .map_err(|error| {
-                    local_error(std::path::Path::new(""), std::io::Error::other(error))
-                })?
+            let opened = tokio::task::spawn_blocking(move || -> object_store::Result<_> {
+                let mut file = file;
+                file.seek(SeekFrom::Start(range.start))
+                    .map_err(|error| local_error(&path, error))?;
+                Ok((file, path, range.end.saturating_sub(range.start)))
             });
-            start
-                .map(|opened: object_store::Result<_>| match opened {
-                    Ok(state) => chunks(state).boxed(),
-                    Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
-                })
-                .flatten()
+            futures::stream::once(async move { opened.await.map_err(join_error)? })
+                .map_ok(chunks)
+                .try_flatten()
                 .boxed()
         }
         GetResultPayload::Stream(stream) => stream,
@@ -74,8 +65,13 @@ fn chunks(
             )))
         })
         .await
-        .map_err(|error| local_error(std::path::Path::new(""), std::io::Error::other(error)))?
+        .map_err(join_error)?
     })
+}
+
+/// A blocking read that did not finish (the runtime is shutting down).
+fn join_error(error: tokio::task::JoinError) -> object_store::Error {
+    local_error(std::path::Path::new(""), std::io::Error::other(error))
 }
 
 fn local_error(path: &std::path::Path, source: std::io::Error) -> object_store::Error {
