@@ -114,6 +114,42 @@ fn readiness_follows_clamd_down_and_back() {
     });
 }
 
+#[test]
+fn readiness_reports_smtp_without_requiring_it() {
+    let test = "readiness_reports_smtp_without_requiring_it";
+    let Some((_files, key)) = keys(test) else {
+        return;
+    };
+    if !require_python("aiosmtpd", test) {
+        return;
+    }
+    let mut smtp = SmtpSink::prepare();
+    smtp.start();
+    let server = server_with_token(
+        &key,
+        &format!(
+            "{BUILTIN}[notify]\nsmtp_url = \"{}\"\nemail_from = \"ingestion@example.org\"\n",
+            smtp.url()
+        ),
+    );
+    let url = format!("{}/readyz", server.admin_url());
+    let ready = http_get(&url, None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let smtp_check = ready.json()["checks"][3].clone();
+    assert_eq!(smtp_check["name"], "smtp", "{}", ready.body);
+    assert_eq!(
+        (&smtp_check["ok"], &smtp_check["required"]),
+        (&serde_json::json!(true), &serde_json::json!(false))
+    );
+    drop(smtp);
+    let down = wait_until(30, "the SMTP check to fail", || {
+        let answer = http_get(&url, None);
+        (answer.json()["checks"][3]["ok"] == false).then_some(answer)
+    });
+    assert_eq!(down.status, 200, "alerts wait in the outbox: {}", down.body);
+    assert!(down.json()["checks"][3]["error"].is_string());
+}
+
 /// Samples of `/metrics` as the Prometheus reference parser reads them.
 fn scrape(server: &Server) -> serde_json::Value {
     let answer = http_get(&format!("{}/metrics", server.admin_url()), None);
@@ -458,6 +494,20 @@ fn the_dashboard_shows_a_hostile_file_name_as_text_in_chromium() {
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 1000);
     assert_eq!(server.events("admin_login").len(), 1);
+
+    // Signing out clears the session cookie.
+    let logout = Command::new("curl")
+        .args(["-sS", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("{}/logout", server.admin_url()))
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&logout.stdout).to_lowercase();
+    assert!(headers.starts_with("http/1.1 303"), "{headers}");
+    assert!(
+        headers
+            .contains("set-cookie: ingestion_admin=; path=/; httponly; samesite=strict; max-age=0"),
+        "{headers}"
+    );
 
     // The page itself: escaped, with a strict policy.
     let page = Command::new("curl")

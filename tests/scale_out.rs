@@ -55,6 +55,12 @@ fn sigterm_lets_an_upload_under_way_finish_then_exits_cleanly() {
             .is_err()
             .then_some(())
     });
+    // Balancers are told: the admin plane stays up through the drain and says not ready.
+    if require("curl", test) {
+        let ready = http_get(&format!("{}/readyz", server.admin_url()), None);
+        assert_eq!(ready.status, 503, "{}", ready.body);
+        assert_eq!(ready.json()["reason"], "the service is stopping");
+    }
     let finished = upload.wait_with_output().unwrap();
     assert_success(&finished, "the upload under way when SIGTERM came");
     let status = server.child.wait().unwrap();
