@@ -18,7 +18,7 @@ use super::partial::{LandingUpload, Target, discard_partial};
 use super::paths::{PathError, VirtualPath};
 use super::receipts::{self, RECEIPTS_DIR};
 use crate::config::User;
-use crate::state::{Job, Partial, PathBusy, State, StateError};
+use crate::state::{Held, Job, Partial, PathBusy, State, StateError};
 use crate::storage::{Bucket, Download};
 
 /// Most entries one directory listing may return.
@@ -187,7 +187,7 @@ impl UserView {
     }
 
     /// Holds the jobs of a home path so that the pipeline leaves them alone (see `State::hold_path`).
-    async fn hold(&self, relative: &str) -> Result<Result<(), PathBusy>, StateError> {
+    async fn hold(&self, relative: &str) -> Result<Result<Held, PathBusy>, StateError> {
         self.state
             .hold_path(&self.user.username, relative, &self.holder, HOLD)
             .await
@@ -199,7 +199,7 @@ impl UserView {
         &self,
         relative: &str,
         wait: std::time::Duration,
-    ) -> Result<Result<(), PathBusy>, StateError> {
+    ) -> Result<Result<Held, PathBusy>, StateError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match self.hold(relative).await? {
@@ -219,6 +219,8 @@ impl UserView {
     ) -> Result<(), SftpError> {
         self.hold_waiting(&home.relative(), BUSY_WAIT)
             .await?
+            // These changes are rare: their callers release whether or not anything was held.
+            .map(|_held| ())
             .map_err(|PathBusy| {
                 SftpError::failure(format!(
                     "{shown} is being scanned and delivered and can no longer be changed"
@@ -386,18 +388,30 @@ impl UserView {
             return Ok(Entry::Folder);
         }
         if let Some(home) = home {
-            let (parent, name) = Self::folder_row(home);
-            if self
-                .state
-                .folder_exists(&self.user.username, &parent, &name)
-                .await?
-            {
+            if self.is_made_folder(home).await? {
                 return Ok(Entry::Folder);
             }
             if let Some(partial) = self.partial(home).await? {
                 return Ok(partial_entry(&partial));
             }
         }
+        Self::stored_entry(bucket, key, shown).await
+    }
+
+    /// Whether a home path is a folder made with `mkdir`.
+    async fn is_made_folder(&self, home: &VirtualPath) -> Result<bool, StateError> {
+        let (parent, name) = Self::folder_row(home);
+        self.state
+            .folder_exists(&self.user.username, &parent, &name)
+            .await
+    }
+
+    /// What a key of a bucket is: an object, or a folder because objects are stored below it.
+    async fn stored_entry(
+        bucket: &Bucket,
+        key: ObjectPath,
+        shown: &VirtualPath,
+    ) -> Result<Entry, SftpError> {
         match bucket.store().head(&key).await {
             Ok(meta) => return Ok(file_entry(&meta)),
             Err(object_store::Error::NotFound { .. }) => {}
@@ -842,7 +856,13 @@ impl UserView {
                 replaced_partial: Some(partial.size),
             });
         }
-        match self.stat(path).await {
+        // Not `stat`: the interrupted upload it would look for is known to be absent.
+        let existing = if self.is_made_folder(&home).await? {
+            Ok(Entry::Folder)
+        } else {
+            Self::stored_entry(&self.landing, self.home_key(&home), path).await
+        };
+        match existing {
             Ok(Entry::Folder) => return Err(SftpError::failure(format!("{path} is a folder"))),
             Ok(Entry::File { .. }) if flags.contains(OpenFlags::EXCLUDE) => {
                 return Err(SftpError::failure(format!("{path} already exists")));

@@ -24,7 +24,7 @@ use super::fs::{Entry, Opened, SftpError, UserView, file_attrs, in_read_only_are
 use super::partial::{LandingUpload, WriteError};
 use super::paths::{AboveRoot, VirtualPath, normalise};
 use crate::audit::{Audit, Event, Subject};
-use crate::state::{NewJob, State};
+use crate::state::{Held, NewJob, State};
 use crate::storage::Download;
 
 /// Largest SFTP packet accepted from a client (as OpenSSH's sftp-server).
@@ -900,9 +900,9 @@ const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Holds the path so that the pipeline does not process an older upload of it while this one
 /// replaces it; waits (bounded) while it is being processed.
-async fn hold_for_replacement(ctx: &SessionContext, relative: &str) -> Result<(), String> {
+async fn hold_for_replacement(ctx: &SessionContext, relative: &str) -> Result<Held, String> {
     match ctx.view.hold_waiting(relative, BUSY_WAIT).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(held)) => Ok(held),
         Ok(Err(_busy)) => Err(
             "an earlier upload of this file is still being scanned and delivered; \
                                upload it again in a moment"
@@ -924,15 +924,23 @@ async fn finish_upload(
     id: u32,
 ) -> Packet {
     let relative = ctx.view.home_relative(path);
-    if let Err(reason) = hold_for_replacement(ctx, &relative).await {
-        // What is stored stays, so the client can close it again with a resume later.
-        suspend(ctx, path, upload, received).await;
-        return status(id, StatusCode::Failure, reason);
-    }
+    let held = match hold_for_replacement(ctx, &relative).await {
+        Ok(held) => held,
+        Err(reason) => {
+            // What is stored stays, so the client can close it again with a resume later.
+            suspend(ctx, path, upload, received).await;
+            return status(id, StatusCode::Failure, reason);
+        }
+    };
+    let release = || async {
+        if held == Held::Jobs {
+            ctx.view.release(&relative).await;
+        }
+    };
     let (uploaded, partial_writer) = match upload.finish().await {
         Ok(finished) => finished,
         Err(reason) => {
-            ctx.view.release(&relative).await;
+            release().await;
             ctx.audit(Event::UploadAborted {
                 path: path.to_string(),
                 bytes_received: received,
@@ -969,7 +977,7 @@ async fn finish_upload(
             crate::notify::alerts_for(Some(ctx.view.user()), &ctx.operators, &facts)
         })
         .await;
-    ctx.view.release(&relative).await;
+    release().await;
     match recorded {
         Ok(job) => {
             ctx.landed.notify_one();

@@ -44,6 +44,48 @@ macro_rules! columns {
     };
 }
 
+/// The condition "the row's `path` is `$p` or below it (`$p/...`)". On SQLite it starts with a
+/// range on `path` so that the `(username, path)` index is used instead of reading every job of the
+/// user; PostgreSQL's text order depends on the database's collation, so there only the exact test
+/// is used.
+macro_rules! at_or_below {
+    (sqlite, $p:literal) => {
+        concat!(
+            "path >= ",
+            $p,
+            " AND path < ",
+            $p,
+            " || '0' AND (path = ",
+            $p,
+            " OR substr(path, 1, length(",
+            $p,
+            ") + 1) = ",
+            $p,
+            " || '/')"
+        )
+    };
+    (postgres, $p:literal) => {
+        concat!(
+            "(path = ",
+            $p,
+            " OR substr(path, 1, length(",
+            $p,
+            ") + 1) = ",
+            $p,
+            " || '/')"
+        )
+    };
+}
+
+/// The condition "another worker or session has this job" (binds `$3`: the holder, `$4`: now in
+/// milliseconds): being scanned or routed, or held by someone else with an unexpired lease.
+macro_rules! busy_for_others {
+    () => {
+        "(state IN ('clean', 'infected', 'unscannable') OR (lease_owner IS NOT NULL \
+         AND lease_owner <> $3 AND lease_until >= $4))"
+    };
+}
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
@@ -236,6 +278,16 @@ const UNFINISHED: [JobState; 5] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathBusy;
 
+/// What [`State::hold_path`] took: whether there is anything for [`State::release_path`] to release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Held {
+    /// The path had no unprocessed job.
+    Nothing,
+    /// The path's unprocessed jobs are held.
+    Jobs,
+}
+
 fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -342,20 +394,59 @@ impl State {
 
     /// Takes a hold on every unprocessed job of `path` (and, for a folder, below it) so that the
     /// pipeline leaves them alone while the SFTP side replaces, renames or removes the file. Fails
-    /// with [`PathBusy`] when a job of that path is being scanned or routed.
+    /// with [`PathBusy`] when a job of that path is being scanned or routed. A path without jobs
+    /// (the common case: a new file) costs one query and leaves nothing to release.
     pub async fn hold_path(
         &self,
         username: &str,
         path: &str,
         holder: &str,
         hold_for: Duration,
-    ) -> Result<Result<(), PathBusy>, StateError> {
+    ) -> Result<Result<Held, PathBusy>, StateError> {
+        let row = sqlx::query(self.dialect.pick(
+            concat!(
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ",
+                busy_for_others!(),
+                " THEN 1 ELSE 0 END), 0) FROM jobs WHERE username = $1 AND ",
+                at_or_below!(sqlite, "$2"),
+                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable')"
+            ),
+            concat!(
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ",
+                busy_for_others!(),
+                " THEN 1 ELSE 0 END), 0) FROM jobs WHERE username = $1 AND ",
+                at_or_below!(postgres, "$2"),
+                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable')"
+            ),
+        ))
+        .bind(username)
+        .bind(path)
+        .bind(holder)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        let (jobs, busy): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if busy > 0 {
+            return Ok(Err(PathBusy));
+        }
+        if jobs == 0 {
+            return Ok(Ok(Held::Nothing));
+        }
         let now = now_ms();
-        sqlx::query(
-            "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 \
-             AND (path = $4 OR substr(path, 1, length($4) + 1) = $4 || '/') AND state IN ('landed', 'held') \
-             AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)",
-        )
+        sqlx::query(self.dialect.pick(
+            concat!(
+                "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 AND ",
+                at_or_below!(sqlite, "$4"),
+                " AND state IN ('landed', 'held') \
+                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)"
+            ),
+            concat!(
+                "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 AND ",
+                at_or_below!(postgres, "$4"),
+                " AND state IN ('landed', 'held') \
+                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)"
+            ),
+        ))
         .bind(holder)
         .bind(later_ms(hold_for))
         .bind(username)
@@ -363,12 +454,21 @@ impl State {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        let busy: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM jobs WHERE username = $1 \
-             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/') \
-             AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
-             AND NOT (state IN ('landed', 'held') AND lease_owner = $3)",
-        )
+        // The pipeline may have claimed a job between the count and the hold.
+        let busy: i64 = sqlx::query(self.dialect.pick(
+            concat!(
+                "SELECT COUNT(*) FROM jobs WHERE username = $1 AND ",
+                at_or_below!(sqlite, "$2"),
+                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
+                 AND NOT (state IN ('landed', 'held') AND lease_owner = $3)"
+            ),
+            concat!(
+                "SELECT COUNT(*) FROM jobs WHERE username = $1 AND ",
+                at_or_below!(postgres, "$2"),
+                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
+                 AND NOT (state IN ('landed', 'held') AND lease_owner = $3)"
+            ),
+        ))
         .bind(username)
         .bind(path)
         .bind(holder)
@@ -379,7 +479,7 @@ impl State {
             self.release_path(username, path, holder).await?;
             return Ok(Err(PathBusy));
         }
-        Ok(Ok(()))
+        Ok(Ok(Held::Jobs))
     }
 
     /// Releases what [`State::hold_path`] took.
@@ -389,10 +489,18 @@ impl State {
         path: &str,
         holder: &str,
     ) -> Result<(), StateError> {
-        sqlx::query(
-            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 \
-             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/') AND lease_owner = $3",
-        )
+        sqlx::query(self.dialect.pick(
+            concat!(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 AND ",
+                at_or_below!(sqlite, "$2"),
+                " AND lease_owner = $3"
+            ),
+            concat!(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 AND ",
+                at_or_below!(postgres, "$2"),
+                " AND lease_owner = $3"
+            ),
+        ))
         .bind(username)
         .bind(path)
         .bind(holder)
@@ -412,13 +520,22 @@ impl State {
         holder: &str,
         to_temporary: bool,
     ) -> Result<(), StateError> {
-        sqlx::query(
-            "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
-             state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
-             lease_owner = NULL, lease_until = NULL \
-             WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 \
-             AND (path = $2 OR substr(path, 1, length($2) + 1) = $2 || '/')",
-        )
+        sqlx::query(self.dialect.pick(
+            concat!(
+                "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
+                 state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
+                 lease_owner = NULL, lease_until = NULL \
+                 WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 AND ",
+                at_or_below!(sqlite, "$2")
+            ),
+            concat!(
+                "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
+                 state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
+                 lease_owner = NULL, lease_until = NULL \
+                 WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 AND ",
+                at_or_below!(postgres, "$2")
+            ),
+        ))
         .bind(to)
         .bind(from)
         .bind(now())
@@ -992,7 +1109,7 @@ mod tests {
         let first = state.record_upload(&job("a.csv"), "s1").await.unwrap();
         assert_eq!(
             state.hold_path("acme", "a.csv", "s2", HOLD).await.unwrap(),
-            Ok(())
+            Ok(Held::Jobs)
         );
         let second = state.record_upload(&job("a.csv"), "s2").await.unwrap();
         assert!(second > first);
@@ -1076,8 +1193,45 @@ mod tests {
                 .hold_path("acme", "a.csv", "sftp", HOLD)
                 .await
                 .unwrap(),
-            Ok(())
+            Ok(Held::Nothing)
         );
+    }
+
+    #[tokio::test]
+    async fn a_hold_takes_the_path_and_what_is_below_it_and_nothing_beside_it() {
+        let (_dir, state) = state().await;
+        assert_eq!(
+            state.hold_path("acme", "a", "sftp", HOLD).await.unwrap(),
+            Ok(Held::Nothing),
+            "a path without jobs has nothing to hold"
+        );
+        // Beside "a" in text order: "a.csv" and "a-b" sort between "a" and "a/", "a0" and "ab" after.
+        for path in ["a.csv", "a-b/c", "a0", "ab/c", "b/a"] {
+            state.record_upload(&job(path), "s").await.unwrap();
+        }
+        assert_eq!(
+            state.hold_path("acme", "a", "sftp", HOLD).await.unwrap(),
+            Ok(Held::Nothing)
+        );
+        state.record_upload(&job("a/x/y.csv"), "s").await.unwrap();
+        state.record_upload(&job("a"), "s").await.unwrap();
+        assert_eq!(
+            state.hold_path("acme", "a", "sftp", HOLD).await.unwrap(),
+            Ok(Held::Jobs)
+        );
+        let mut free = Vec::new();
+        while let Some(claimed) = state.claim("worker", HOLD).await.unwrap() {
+            free.push(claimed.path);
+        }
+        free.sort();
+        assert_eq!(free, ["a-b/c", "a.csv", "a0", "ab/c", "b/a"]);
+        state.release_path("acme", "a", "sftp").await.unwrap();
+        let mut released = Vec::new();
+        while let Some(claimed) = state.claim("worker", HOLD).await.unwrap() {
+            released.push(claimed.path);
+        }
+        released.sort();
+        assert_eq!(released, ["a", "a/x/y.csv"]);
     }
 
     #[tokio::test]
@@ -1086,7 +1240,7 @@ mod tests {
         state.record_upload(&job("in/a.csv"), "s").await.unwrap();
         assert_eq!(
             state.hold_path("acme", "in", "sftp", HOLD).await.unwrap(),
-            Ok(())
+            Ok(Held::Jobs)
         );
         assert!(state.claim("worker", HOLD).await.unwrap().is_none());
         state
@@ -1219,11 +1373,13 @@ mod tests {
             state.claim("w", HOLD).await.unwrap().is_none(),
             "held jobs are not processed"
         );
-        state
-            .hold_path("acme", "data.csv.filepart", "sftp", HOLD)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "data.csv.filepart", "sftp", HOLD)
+                .await
+                .unwrap(),
+            Ok(Held::Jobs)
+        );
         state
             .rename_landed("acme", "data.csv.filepart", "data.csv", "sftp", false)
             .await
@@ -1277,18 +1433,22 @@ mod tests {
         }
         // Uploaded again, then again before processing: the middle one is superseded.
         state.record_upload(&job("again.csv"), "s").await.unwrap();
-        state
-            .hold_path("acme", "again.csv", "s2", HOLD)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "again.csv", "s2", HOLD)
+                .await
+                .unwrap(),
+            Ok(Held::Jobs)
+        );
         let again = state.record_upload(&job("again.csv"), "s2").await.unwrap();
         state.release_path("acme", "again.csv", "s2").await.unwrap();
-        state
-            .hold_path("acme", "gone.csv", "s", HOLD)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "gone.csv", "s", HOLD)
+                .await
+                .unwrap(),
+            Ok(Held::Jobs)
+        );
         state.remove_landed("acme", "gone.csv", "s").await.unwrap();
         let mut theirs = job("x.csv");
         theirs.username = "other";
@@ -1402,11 +1562,13 @@ mod tests {
             state.job(id).await.unwrap().unwrap().state,
             JobState::Landed
         );
-        state
-            .hold_path("acme", "x.csv", "sftp", HOLD)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            state
+                .hold_path("acme", "x.csv", "sftp", HOLD)
+                .await
+                .unwrap(),
+            Ok(Held::Jobs)
+        );
         state.remove_landed("acme", "x.csv", "sftp").await.unwrap();
         assert_eq!(
             state.job(id).await.unwrap().unwrap().state,
