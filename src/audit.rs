@@ -386,10 +386,30 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// The most lines stored in one statement.
+const COPY_BATCH: usize = 512;
+
+/// How long the copier lets lines gather before storing them: a burst of events (an upload's open,
+/// close and verdict) becomes one database write instead of one each. The file already holds them.
+const COPY_LINGER: Duration = Duration::from_millis(100);
+
 /// Stores queued lines in batches until the queue closes, retrying a batch the database refused.
 async fn copy_lines(state: State, mut lines: tokio::sync::mpsc::Receiver<AuditRecord>) {
     let mut batch = Vec::new();
-    while lines.recv_many(&mut batch, 256).await > 0 {
+    while lines.recv_many(&mut batch, COPY_BATCH).await > 0 {
+        let linger = tokio::time::sleep(COPY_LINGER);
+        tokio::pin!(linger);
+        while batch.len() < COPY_BATCH {
+            let room = COPY_BATCH - batch.len();
+            tokio::select! {
+                () = &mut linger => break,
+                received = lines.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+            }
+        }
         let mut delay = Duration::from_millis(100);
         while let Err(error) = state.insert_audit_events(&batch).await {
             if lines.is_closed() && delay > Duration::from_secs(2) {

@@ -367,20 +367,24 @@ fn the_api_wants_the_token_and_pages_through_transfers() {
         .into_iter()
         .find(|job| job.path == "a.csv")
         .unwrap();
-    let one = http_get(&format!("{api}/transfers/{}", first.id), Some(TOKEN));
-    assert_eq!(one.status, 200, "{}", one.body);
-    let one = one.json();
-    assert_eq!(one["transfer"]["path"], "/a.csv");
-    // The audit trail's copy in the state database holds this job's events.
-    let events: BTreeSet<_> = one["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|event| event["event"].as_str().unwrap().to_string())
-        .collect();
-    for expected in ["close", "scanned", "delivered"] {
-        assert!(events.contains(expected), "{events:?}");
-    }
+    // The audit trail's copy in the state database holds this job's events (copied in batches a
+    // moment after they happen).
+    wait_until(10, "the job's events in the API", || {
+        let one = http_get(&format!("{api}/transfers/{}", first.id), Some(TOKEN));
+        assert_eq!(one.status, 200, "{}", one.body);
+        let one = one.json();
+        assert_eq!(one["transfer"]["path"], "/a.csv");
+        let events: BTreeSet<_> = one["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|event| event["event"].as_str().unwrap().to_string())
+            .collect();
+        ["close", "scanned", "delivered"]
+            .iter()
+            .all(|expected| events.contains(*expected))
+            .then_some(())
+    });
     assert_eq!(
         http_get(&format!("{api}/transfers/999999"), Some(TOKEN)).status,
         404

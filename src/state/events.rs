@@ -9,7 +9,7 @@ use sqlx::any::AnyRow;
 use super::{State, StateError};
 
 /// One audit line to store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct AuditRecord {
     pub time: String,
     pub event: String,
@@ -42,23 +42,26 @@ fn event_from_row(row: &AnyRow) -> Result<StoredEvent, StateError> {
 }
 
 impl State {
-    /// Stores audit lines, in one transaction.
+    /// Stores audit lines, in order, with one statement: the batch travels as one JSON array that
+    /// the database unpacks into rows.
     pub async fn insert_audit_events(&self, records: &[AuditRecord]) -> Result<(), StateError> {
-        let mut transaction = self.pool.begin().await?;
-        for record in records {
-            sqlx::query(
-                "INSERT INTO audit_events (time, event, username, job_id, line) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&record.time)
-            .bind(&record.event)
-            .bind(record.username.as_deref())
-            .bind(record.job)
-            .bind(&record.line)
-            .execute(&mut *transaction)
-            .await?;
-        }
-        transaction.commit().await?;
+        let rows =
+            serde_json::to_string(records).map_err(|error| sqlx::Error::Encode(error.into()))?;
+        sqlx::query(self.dialect.pick(
+            "INSERT INTO audit_events (time, event, username, job_id, line) \
+             SELECT json_extract(value, '$.time'), json_extract(value, '$.event'), \
+             json_extract(value, '$.username'), json_extract(value, '$.job'), \
+             json_extract(value, '$.line') FROM json_each($1) ORDER BY key",
+            "INSERT INTO audit_events (time, event, username, job_id, line) \
+             SELECT \"time\", \"event\", \"username\", \"job\", \"line\" \
+             FROM ROWS FROM (json_to_recordset($1::json) AS (\"time\" text, \"event\" text, \
+             \"username\" text, \"job\" bigint, \"line\" text)) WITH ORDINALITY \
+             AS batch (\"time\", \"event\", \"username\", \"job\", \"line\", position) \
+             ORDER BY position",
+        ))
+        .bind(rows)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -110,6 +113,11 @@ mod tests {
                 record("close", Some(7)),
                 record("connect", None),
                 record("delivered", Some(7)),
+                AuditRecord {
+                    username: None,
+                    line: "{\"path\":\"/\\\"ä\\u0000'.csv\"}".into(),
+                    ..record("service_started", None)
+                },
             ])
             .await
             .unwrap();
@@ -121,9 +129,12 @@ mod tests {
             .map(|event| event.event)
             .collect();
         assert_eq!(of_job, ["close", "delivered"]);
-        let recent = state.recent_events(2).await.unwrap();
-        assert_eq!(recent[0].event, "delivered");
-        assert_eq!(recent.len(), 2);
-        assert_eq!(recent[1].line, "{\"event\":\"connect\"}");
+        let recent = state.recent_events(3).await.unwrap();
+        assert_eq!(recent[0].event, "service_started");
+        assert_eq!(recent[0].username, None);
+        assert_eq!(recent[0].line, "{\"path\":\"/\\\"ä\\u0000'.csv\"}");
+        assert_eq!(recent[1].event, "delivered");
+        assert_eq!(recent.len(), 3);
+        assert_eq!(recent[2].line, "{\"event\":\"connect\"}");
     }
 }
