@@ -14,7 +14,7 @@ mod outbox;
 mod partials;
 
 pub use events::{AuditRecord, StoredEvent};
-pub use jobs::{Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms};
+pub use jobs::{Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms};
 pub use outbox::{Alert, NewAlert};
 pub use partials::{NewPartial, Partial, Replaced};
 
@@ -347,6 +347,10 @@ impl State {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(connections)
+            // sqlx pings a connection as it returns to the pool; a second ping as it leaves again
+            // is worth its round trip only for a server that may have dropped an idle connection,
+            // not for a local file, where it would add a thread hand-off to every statement.
+            .test_before_acquire(dialect == Dialect::Postgres)
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
