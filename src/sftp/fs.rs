@@ -837,7 +837,12 @@ impl UserView {
             key: self.home_key(&home),
             max_size: self.max_file_size,
         };
-        if let Some(partial) = self.partial(&home).await? {
+        let (parent, name) = Self::folder_row(&home);
+        let (made_folder, partial) = self
+            .state
+            .upload_target(&self.user.username, &home.relative(), &parent, &name)
+            .await?;
+        if let Some(partial) = partial {
             if flags.contains(OpenFlags::EXCLUDE) {
                 return Err(SftpError::failure(format!("{path} already exists")));
             }
@@ -856,8 +861,8 @@ impl UserView {
                 replaced_partial: Some(partial.size),
             });
         }
-        // Not `stat`: the interrupted upload it would look for is known to be absent.
-        let existing = if self.is_made_folder(&home).await? {
+        // Not `stat`: what it would look for in the state database is known.
+        let existing = if made_folder {
             Ok(Entry::Folder)
         } else {
             Self::stored_entry(&self.landing, self.home_key(&home), path).await

@@ -48,10 +48,17 @@ pub struct Replaced {
     pub multipart_id: Option<String>,
 }
 
-/// Every column `partial_from_row` reads, and the table (a macro so that queries stay `&'static str`).
+/// Every column `partial_from_row` reads (a macro so that queries stay `&'static str`).
+macro_rules! partial_columns {
+    () => {
+        "id, username, path, landing_key, multipart_id, size, started_at, updated_ms"
+    };
+}
+
+/// [`partial_columns`] and the table.
 macro_rules! from_partials {
     () => {
-        "id, username, path, landing_key, multipart_id, size, started_at, updated_ms FROM partials"
+        concat!(partial_columns!(), " FROM partials")
     };
 }
 
@@ -179,6 +186,35 @@ impl State {
         .as_ref()
         .map(partial_from_row)
         .transpose()
+    }
+
+    /// What opening `path` for upload needs to know, with one query: whether it is a folder made
+    /// with `mkdir` (its `parent` and `name` in `folders`), and its partial, if there is one.
+    pub async fn upload_target(
+        &self,
+        username: &str,
+        path: &str,
+        parent: &str,
+        name: &str,
+    ) -> Result<(bool, Option<Partial>), StateError> {
+        let row = sqlx::query(concat!(
+            "SELECT (SELECT COUNT(*) FROM folders WHERE username = $1 AND parent = $3 AND name = $4) \
+             AS made_folders, ",
+            partial_columns!(),
+            " FROM (SELECT 1 AS here) AS here LEFT JOIN partials ON username = $1 AND path = $2"
+        ))
+        .bind(username)
+        .bind(path)
+        .bind(parent)
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        let made_folder = row.try_get::<i64, _>("made_folders")? > 0;
+        let partial = match row.try_get::<Option<i64>, _>("id")? {
+            Some(_) => Some(partial_from_row(&row)?),
+            None => None,
+        };
+        Ok((made_folder, partial))
     }
 
     /// Makes `writer` the writer of a partial and returns it with its stored parts, in order.
@@ -354,6 +390,39 @@ mod tests {
             end: (index as u64 + 1) * 16,
             hash_state: vec![index as u8; 3],
         }
+    }
+
+    #[tokio::test]
+    async fn an_upload_target_is_a_made_folder_a_partial_or_nothing() {
+        let (_dir, state) = state().await;
+        let target = |path: &'static str, parent: &'static str, name: &'static str| {
+            let state = state.clone();
+            async move {
+                let (folder, partial) = state
+                    .upload_target("acme", path, parent, name)
+                    .await
+                    .unwrap();
+                (folder, partial.map(|partial| partial.path))
+            }
+        };
+        assert_eq!(target("in/big.bin", "in", "big.bin").await, (false, None));
+        state
+            .start_partial(&new("w1"), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            target("in/big.bin", "in", "big.bin").await,
+            (false, Some("in/big.bin".to_string()))
+        );
+        assert!(state.create_folder("acme", "", "in").await.unwrap());
+        assert_eq!(target("in", "", "in").await, (true, None));
+        assert_eq!(target("other", "", "other").await, (false, None));
+        let (_, theirs) = state
+            .upload_target("someone", "in/big.bin", "in", "big.bin")
+            .await
+            .unwrap();
+        assert_eq!(theirs, None, "another user's partial is not this one's");
     }
 
     #[tokio::test]
