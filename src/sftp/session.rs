@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use russh_sftp::protocol::{
-    Attrs, Data, ExtendedReply, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status,
+    Attrs, ExtendedReply, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status,
     StatusCode, Version,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -47,6 +47,8 @@ const NAMES_PER_READDIR: usize = 128;
 
 const SSH_FXP_INIT: u8 = 1;
 const SSH_FXP_EXTENDED: u8 = 200;
+const SSH_FXP_WRITE: u8 = 6;
+const SSH_FXP_DATA: u8 = 103;
 
 /// Everything a session needs, shared by its tasks.
 pub struct SessionContext {
@@ -108,7 +110,7 @@ enum FileRequest {
 
 struct Session {
     ctx: Arc<SessionContext>,
-    replies: mpsc::Sender<Packet>,
+    replies: mpsc::Sender<Reply>,
     handles: Arc<Mutex<HashMap<String, OpenHandle>>>,
     next_handle: Arc<AtomicU64>,
     session_budget: Arc<Semaphore>,
@@ -176,13 +178,34 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Op
             format!("an SFTP packet of {length} bytes is outside the limit of 1..={MAX_PACKET}"),
         ));
     }
-    let mut buffer = vec![0; length as usize];
-    reader.read_exact(&mut buffer).await?;
-    Ok(Some(Bytes::from(buffer)))
+    // Read straight into spare capacity: no zero-fill of a buffer about to be overwritten.
+    let length = length as usize;
+    let mut buffer = BytesMut::with_capacity(length);
+    let mut packet = reader.take(length as u64);
+    while buffer.len() < length {
+        if packet.read_buf(&mut buffer).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(Some(buffer.freeze()))
+}
+
+/// A reply on its way to the client: a russh-sftp packet, or file data kept in the `Bytes` it was
+/// read into, so that a download's bytes are copied once, into the outgoing batch, rather than
+/// into a `Vec` for the packet, into its encoding, and then into the batch.
+enum Reply {
+    Packet(Packet),
+    Data { id: u32, data: Bytes },
+}
+
+impl From<Packet> for Reply {
+    fn from(packet: Packet) -> Reply {
+        Reply::Packet(packet)
+    }
 }
 
 /// Writes replies in batches: everything ready goes out in one channel write.
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Receiver<Packet>) {
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Receiver<Reply>) {
     let mut batch = BytesMut::new();
     while let Some(packet) = queue.recv().await {
         encode_into(&mut batch, packet);
@@ -201,10 +224,29 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Re
     }
 }
 
-fn encode_into(batch: &mut BytesMut, packet: Packet) {
-    match Bytes::try_from(packet) {
-        Ok(bytes) => batch.extend_from_slice(&bytes),
-        Err(error) => tracing::error!(%error, "cannot encode an SFTP reply"),
+fn encode_into(batch: &mut BytesMut, reply: Reply) {
+    match reply {
+        Reply::Packet(packet) => match Bytes::try_from(packet) {
+            Ok(bytes) => batch.extend_from_slice(&bytes),
+            Err(error) => tracing::error!(%error, "cannot encode an SFTP reply"),
+        },
+        Reply::Data { id, data } => {
+            // SSH_FXP_DATA: length, type, request id, then the data as an SSH string. Reads are
+            // capped far below 4 GiB, so the lengths fit.
+            let Ok(length) = u32::try_from(data.len()) else {
+                tracing::error!(
+                    bytes = data.len(),
+                    "an SFTP data reply is too long to encode"
+                );
+                return;
+            };
+            batch.reserve(13 + data.len());
+            batch.put_u32(9 + length);
+            batch.put_u8(SSH_FXP_DATA);
+            batch.put_u32(id);
+            batch.put_u32(length);
+            batch.extend_from_slice(&data);
+        }
     }
 }
 
@@ -235,11 +277,16 @@ fn parse_path(raw: &str) -> Result<VirtualPath, SftpError> {
 
 impl Session {
     async fn send(&self, packet: Packet) {
-        let _ = self.replies.send(packet).await;
+        let _ = self.replies.send(packet.into()).await;
     }
 
     async fn dispatch(&mut self, raw: Bytes) {
         let kind = raw.first().copied().unwrap_or(0);
+        if kind == SSH_FXP_WRITE
+            && let Some(write) = parse_write(&raw)
+        {
+            return self.write(write).await;
+        }
         let id = raw.get(1..5).map_or(0, |mut bytes| bytes.get_u32());
         let mut body = raw.clone();
         let packet = match Packet::try_from(&mut body) {
@@ -274,22 +321,13 @@ impl Session {
                 self.send(Packet::Version(version)).await;
             }
             Packet::Write(write) => {
-                let kib = u32::try_from(write.data.len().div_ceil(1024))
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, SESSION_WRITE_KIB);
-                let Ok(own) = self.session_budget.clone().acquire_many_owned(kib).await else {
-                    return;
-                };
-                let Ok(shared) = self.ctx.write_budget.clone().acquire_many_owned(kib).await else {
-                    return;
-                };
-                let request = FileRequest::Write {
+                self.write(WriteRequest {
                     id: write.id,
+                    handle: write.handle,
                     offset: write.offset,
                     data: Bytes::from(write.data),
-                    _budget: (own, shared),
-                };
-                self.to_file(&write.handle, write.id, request).await;
+                })
+                .await;
             }
             Packet::Read(read) => {
                 let request = FileRequest::Read {
@@ -531,6 +569,26 @@ impl Session {
         self.send(reply).await;
     }
 
+    /// Passes a WRITE to its file's worker once the write budgets have room for it.
+    async fn write(&mut self, write: WriteRequest) {
+        let kib = u32::try_from(write.data.len().div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, SESSION_WRITE_KIB);
+        let Ok(own) = self.session_budget.clone().acquire_many_owned(kib).await else {
+            return;
+        };
+        let Ok(shared) = self.ctx.write_budget.clone().acquire_many_owned(kib).await else {
+            return;
+        };
+        let request = FileRequest::Write {
+            id: write.id,
+            offset: write.offset,
+            data: write.data,
+            _budget: (own, shared),
+        };
+        self.to_file(&write.handle, write.id, request).await;
+    }
+
     async fn to_file(&self, handle: &str, id: u32, request: FileRequest) {
         let sender = match self
             .handles
@@ -622,6 +680,38 @@ fn invalid_handle(id: u32) -> Packet {
     )
 }
 
+/// An SSH_FXP_WRITE whose data is a slice of the packet it came in.
+#[derive(Debug, PartialEq, Eq)]
+struct WriteRequest {
+    id: u32,
+    handle: String,
+    offset: u64,
+    data: Bytes,
+}
+
+/// Reads an SSH_FXP_WRITE (type, id, handle, offset, data) without copying its data, which is most
+/// of what an upload moves; `None` if it is malformed (russh-sftp's parser then reports it).
+fn parse_write(raw: &Bytes) -> Option<WriteRequest> {
+    let mut body = raw.get(1..).map(|_| raw.slice(1..))?;
+    let id = body.try_get_u32().ok()?;
+    let handle_length = usize::try_from(body.try_get_u32().ok()?).ok()?;
+    if body.len() < handle_length {
+        return None;
+    }
+    let handle = String::from_utf8(body.split_to(handle_length).to_vec()).ok()?;
+    let offset = body.try_get_u64().ok()?;
+    let data_length = usize::try_from(body.try_get_u32().ok()?).ok()?;
+    if body.len() < data_length {
+        return None;
+    }
+    Some(WriteRequest {
+        id,
+        handle,
+        offset,
+        data: body.split_to(data_length),
+    })
+}
+
 /// Reads two SSH strings (u32 length + UTF-8) from an extended request's data.
 fn two_strings(data: &[u8]) -> Option<(String, String)> {
     let mut data = Bytes::copy_from_slice(data);
@@ -638,7 +728,7 @@ fn two_strings(data: &[u8]) -> Option<(String, String)> {
 /// What a concurrent request task holds.
 struct Worker {
     ctx: Arc<SessionContext>,
-    replies: mpsc::Sender<Packet>,
+    replies: mpsc::Sender<Reply>,
     handles: Arc<Mutex<HashMap<String, OpenHandle>>>,
     next_handle: Arc<AtomicU64>,
     alive: mpsc::Sender<()>,
@@ -789,7 +879,7 @@ async fn run_upload(
     path: &VirtualPath,
     upload: LandingUpload,
     mut queue: mpsc::Receiver<FileRequest>,
-    replies: &mpsc::Sender<Packet>,
+    replies: &mpsc::Sender<Reply>,
 ) {
     let mut upload = Some(upload);
     let mut failure: Option<String> = None;
@@ -873,12 +963,12 @@ async fn run_upload(
                     (_, Some(reason)) => status(id, StatusCode::Failure, reason),
                     (None, None) => status(id, StatusCode::Failure, "the upload is closed"),
                 };
-                let _ = replies.send(reply).await;
+                let _ = replies.send(reply.into()).await;
                 let _ = done.send(());
                 return;
             }
         };
-        let _ = replies.send(reply).await;
+        let _ = replies.send(reply.into()).await;
     }
     if let Some(current) = upload.take() {
         suspend(ctx, path, current, received).await;
@@ -1037,7 +1127,7 @@ fn start_read(
     path: VirtualPath,
     source: Source,
     queue: mpsc::Receiver<FileRequest>,
-    replies: mpsc::Sender<Packet>,
+    replies: mpsc::Sender<Reply>,
     alive: mpsc::Sender<()>,
 ) {
     ctx.audit(Event::Open {
@@ -1056,7 +1146,7 @@ async fn run_read(
     path: &VirtualPath,
     mut source: Source,
     mut queue: mpsc::Receiver<FileRequest>,
-    replies: &mpsc::Sender<Packet>,
+    replies: &mpsc::Sender<Reply>,
 ) {
     let mut sent: u64 = 0;
     while let Some(request) = queue.recv().await {
@@ -1067,10 +1157,8 @@ async fn run_read(
                     Ok(data) => {
                         sent += data.len() as u64;
                         crate::telemetry::bytes_sent(data.len() as u64);
-                        Packet::Data(Data {
-                            id,
-                            data: data.to_vec(),
-                        })
+                        let _ = replies.send(Reply::Data { id, data }).await;
+                        continue;
                     }
                     Err(error) => error_reply(id, error),
                 }
@@ -1095,18 +1183,63 @@ async fn run_read(
                     path: path.to_string(),
                     bytes: sent,
                 });
-                let _ = replies.send(ok(id)).await;
+                let _ = replies.send(ok(id).into()).await;
                 let _ = done.send(());
                 return;
             }
         };
-        let _ = replies.send(reply).await;
+        let _ = replies.send(reply.into()).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_reply_is_encoded_as_russh_sftp_encodes_it() {
+        for data in [&b""[..], b"x", &[7u8; 70_000][..]] {
+            let mut ours = BytesMut::new();
+            encode_into(
+                &mut ours,
+                Reply::Data {
+                    id: 42,
+                    data: Bytes::copy_from_slice(data),
+                },
+            );
+            let theirs = Bytes::try_from(Packet::Data(russh_sftp::protocol::Data {
+                id: 42,
+                data: data.to_vec(),
+            }))
+            .unwrap();
+            assert_eq!(ours.freeze(), theirs);
+        }
+    }
+
+    #[test]
+    fn a_write_is_read_as_russh_sftp_reads_it_and_a_truncated_one_is_refused() {
+        let packet = Bytes::try_from(Packet::Write(russh_sftp::protocol::Write {
+            id: 9,
+            handle: "17".into(),
+            offset: 1 << 33,
+            data: vec![5; 40_000],
+        }))
+        .unwrap();
+        // What dispatch sees: the packet without its length.
+        let raw = packet.slice(4..);
+        assert_eq!(
+            parse_write(&raw),
+            Some(WriteRequest {
+                id: 9,
+                handle: "17".into(),
+                offset: 1 << 33,
+                data: Bytes::from(vec![5; 40_000]),
+            })
+        );
+        for cut in [0, 1, 5, 9, 11, 19, 23, raw.len() - 1] {
+            assert_eq!(parse_write(&raw.slice(..cut)), None, "cut at {cut}");
+        }
+    }
 
     #[test]
     fn two_strings_parses_and_refuses_truncation() {
