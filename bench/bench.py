@@ -5,7 +5,7 @@ and both write to a local folder. Each figure is the median of several runs with
 ratio is computed pair by pair (ours, then OpenSSH, then ours...), since absolute times on a shared
 machine drift. Writes bench/results.md and bench/results.json.
 
-Usage: python3 bench/bench.py --binary PATH [--smoke] [--runs N] [--out DIR]
+Usage: python3 bench/bench.py --binary PATH [--smoke] [--runs N] [--out DIR] [--only TEXT]
 """
 
 import argparse
@@ -371,6 +371,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run: checks the harness works")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent))
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this text")
     args = parser.parse_args()
     runs = 1 if args.smoke else max(args.runs, 5)
     big = (8 << 20) if args.smoke else (1 << 30)
@@ -401,6 +402,16 @@ def main():
         shutil.copy(data / "big.bin", server.download_local / "big.bin")
     client = Client(work, key)
     results = {"smoke": args.smoke, "disk_durable_write_mb_s": summary(disk), "scenarios": []}
+
+    def wanted(scenario):
+        return args.only in scenario
+
+    def add(scenario, cipher, unit, measure, times=runs, higher_is_better=True):
+        """Measures a scenario on both servers, pair by pair, unless --only leaves it out."""
+        if wanted(scenario):
+            results["scenarios"].append({"scenario": scenario, "cipher": cipher, "unit": unit}
+                                        | paired(servers, times, measure, higher_is_better))
+
     try:
         for cipher in CIPHERS:
             def upload(server, durable=False):
@@ -409,12 +420,10 @@ def main():
                                      f"{put(server, durable)} {data / 'big.bin'} {server.upload_dir}/big.bin\n")
                 return big / elapsed / 1e6
 
-            results["scenarios"].append({"scenario": f"one {big >> 20} MiB upload", "cipher": cipher,
-                                         "unit": "MB/s"} | paired(servers, runs, upload))
+            add(f"one {big >> 20} MiB upload", cipher, "MB/s", upload)
             if cipher == CIPHERS[0]:
-                results["scenarios"].append({"scenario": f"one {big >> 20} MiB upload, OpenSSH with put -f",
-                                             "cipher": cipher, "unit": "MB/s"}
-                                            | paired(servers, runs, lambda server: upload(server, True)))
+                add(f"one {big >> 20} MiB upload, OpenSSH with put -f", cipher, "MB/s",
+                    lambda server: upload(server, True))
 
             def download(server):
                 target = work / "downloaded.bin"
@@ -424,8 +433,7 @@ def main():
                 target.unlink()
                 return big / elapsed / 1e6
 
-            results["scenarios"].append({"scenario": f"one {big >> 20} MiB download", "cipher": cipher,
-                                         "unit": "MB/s"} | paired(servers, runs, download))
+            add(f"one {big >> 20} MiB download", cipher, "MB/s", download)
 
         cipher = CIPHERS[0]
 
@@ -438,11 +446,9 @@ def main():
                                                  f"{put(server, durable)} *\n")
             return small_count / elapsed
 
-        results["scenarios"].append({"scenario": f"{small_count} files x 64 KiB, one session", "cipher": cipher,
-                                     "unit": "files/s"} | paired(servers, runs, many_small))
-        results["scenarios"].append({"scenario": f"{small_count} files x 64 KiB, one session, OpenSSH with put -f",
-                                     "cipher": cipher, "unit": "files/s"}
-                                    | paired(servers, runs, lambda server: many_small(server, True)))
+        add(f"{small_count} files x 64 KiB, one session", cipher, "files/s", many_small)
+        add(f"{small_count} files x 64 KiB, one session, OpenSSH with put -f", cipher, "files/s",
+            lambda server: many_small(server, True))
 
         def concurrent(server):
             server.clear_uploads()
@@ -465,8 +471,7 @@ def main():
                 raise SystemExit(f"{server.name}: {len(stored)} of {sessions * per_session} files stored whole")
             return sessions * per_session * (1 << 20) / elapsed / 1e6
 
-        results["scenarios"].append({"scenario": f"{sessions} sessions x {per_session} x 1 MiB", "cipher": cipher,
-                                     "unit": "MB/s"} | paired(servers, runs, concurrent))
+        add(f"{sessions} sessions x {per_session} x 1 MiB", cipher, "MB/s", concurrent)
 
         def idle_sessions(server):
             before = server.rss()
@@ -482,9 +487,8 @@ def main():
                 process.wait()
             return max(peak, before) / 1024
 
-        results["scenarios"].append({"scenario": f"{idle} idle sessions: server RSS", "cipher": cipher,
-                                     "unit": "MiB (lower is better; ratio = OpenSSH / ours)"}
-                                    | paired(servers, 1 if args.smoke else 3, idle_sessions, higher_is_better=False))
+        add(f"{idle} idle sessions: server RSS", cipher, "MiB (lower is better; ratio = OpenSSH / ours)",
+            idle_sessions, times=1 if args.smoke else 3, higher_is_better=False)
     finally:
         for server in servers:
             server.stop()
@@ -492,10 +496,12 @@ def main():
     # Our side only (OpenSSH neither scans nor delivers): CLOSE to delivery with a real clamd, and
     # the memory one very large upload and its delivery take.
     cipher = CIPHERS[0]
-    results["scenarios"] += delivery_latency(work, args.binary, key_pub, client, data, cipher,
-                                             10 if args.smoke else 200)
-    for size in ([8 << 20, 32 << 20] if args.smoke else [1 << 30, 6 << 30]):
-        results["scenarios"].append(large_file_memory(work, args.binary, key_pub, client, cipher, size))
+    if wanted("close → delivered"):
+        results["scenarios"] += delivery_latency(work, args.binary, key_pub, client, data, cipher,
+                                                 10 if args.smoke else 200)
+    if wanted("upload + delivery: peak RSS"):
+        for size in ([8 << 20, 32 << 20] if args.smoke else [1 << 30, 6 << 30]):
+            results["scenarios"].append(large_file_memory(work, args.binary, key_pub, client, cipher, size))
 
     out = pathlib.Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

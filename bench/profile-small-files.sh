@@ -37,19 +37,20 @@ $BIN serve --config $W/ingestion.toml > $W/serve.log 2>&1 &
 PID=$!
 sleep 2
 SFTP=(sftp -q -b - -B 261120 -R 64 -c aes256-gcm@openssh.com -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=$W/kh -i $W/key -P 2299 prof@127.0.0.1)
-echo "lcd $W/small" > $W/batch; echo "put *" >> $W/batch
-"${SFTP[@]}" < $W/batch >/dev/null   # warm-up
-rm -rf $W/buckets/landing/prof
+# Each run uploads new names into a folder of its own, as bench/bench.py does.
+batch() { printf 'mkdir run%s\ncd run%s\nlcd %s\nput *\n' "$1" "$1" "$W/small"; }
+batch 0 | "${SFTP[@]}" >/dev/null   # warm-up
 cpu() { awk '{print $14+$15}' /proc/$PID/stat; }
-C0=$(cpu); T0=$(date +%s.%N)
-"${SFTP[@]}" < $W/batch >/dev/null
-T1=$(date +%s.%N); C1=$(cpu)
-echo "wall $(echo "$T1 - $T0" | bc) s, server cpu $(( (C1 - C0) )) ticks (1/100 s)"
-rm -rf $W/buckets/landing/prof
+switches() { cat /proc/$PID/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+C0=$(cpu); X0=$(switches); T0=$(date +%s.%N)
+batch 1 | "${SFTP[@]}" >/dev/null
+T1=$(date +%s.%N); C1=$(cpu); X1=$(switches)
+echo "wall $(echo "$T1 - $T0" | bc) s, server cpu $(( (C1 - C0) )) ticks (1/100 s)," \
+    "$(( X1 - X0 )) context switches (threads alive at the end)"
 perf record -F 999 -g -p $PID -o $W/perf.data -- sleep 4 >/dev/null 2>&1 &
 PERF=$!
 sleep 0.5
-"${SFTP[@]}" < $W/batch >/dev/null
+batch 2 | "${SFTP[@]}" >/dev/null
 wait $PERF
 kill $PID
 perf report -i $W/perf.data --no-children --sort dso,symbol --stdio 2>/dev/null | grep -v "^#" | grep "%" | head -40
