@@ -77,6 +77,17 @@ macro_rules! at_or_below {
     };
 }
 
+/// `dialect.pick` of a query that tests "the row's `path` is `$p` or below it": the same text around
+/// each dialect's [`at_or_below`].
+macro_rules! at_or_below_query {
+    ($dialect:expr, $p:literal, ($($before:tt)*), ($($after:tt)*)) => {
+        $dialect.pick(
+            concat!($($before)*, at_or_below!(sqlite, $p), $($after)*),
+            concat!($($before)*, at_or_below!(postgres, $p), $($after)*),
+        )
+    };
+}
+
 /// The condition "another worker or session has this job" (binds `$3`: the holder, `$4`: now in
 /// milliseconds): being scanned or routed, or held by someone else with an unexpired lease.
 macro_rules! busy_for_others {
@@ -403,21 +414,15 @@ impl State {
         holder: &str,
         hold_for: Duration,
     ) -> Result<Result<Held, PathBusy>, StateError> {
-        let row = sqlx::query(self.dialect.pick(
-            concat!(
+        let row = sqlx::query(at_or_below_query!(
+            self.dialect,
+            "$2",
+            (
                 "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ",
                 busy_for_others!(),
-                " THEN 1 ELSE 0 END), 0) FROM jobs WHERE username = $1 AND ",
-                at_or_below!(sqlite, "$2"),
-                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable')"
+                " THEN 1 ELSE 0 END), 0) FROM jobs WHERE username = $1 AND "
             ),
-            concat!(
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ",
-                busy_for_others!(),
-                " THEN 1 ELSE 0 END), 0) FROM jobs WHERE username = $1 AND ",
-                at_or_below!(postgres, "$2"),
-                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable')"
-            ),
+            (" AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable')")
         ))
         .bind(username)
         .bind(path)
@@ -433,19 +438,12 @@ impl State {
             return Ok(Ok(Held::Nothing));
         }
         let now = now_ms();
-        sqlx::query(self.dialect.pick(
-            concat!(
-                "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 AND ",
-                at_or_below!(sqlite, "$4"),
-                " AND state IN ('landed', 'held') \
-                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)"
-            ),
-            concat!(
-                "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 AND ",
-                at_or_below!(postgres, "$4"),
-                " AND state IN ('landed', 'held') \
-                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)"
-            ),
+        sqlx::query(at_or_below_query!(
+            self.dialect,
+            "$4",
+            ("UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE username = $3 AND "),
+            (" AND state IN ('landed', 'held') \
+                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $5)")
         ))
         .bind(holder)
         .bind(later_ms(hold_for))
@@ -455,19 +453,12 @@ impl State {
         .execute(&self.pool)
         .await?;
         // The pipeline may have claimed a job between the count and the hold.
-        let busy: i64 = sqlx::query(self.dialect.pick(
-            concat!(
-                "SELECT COUNT(*) FROM jobs WHERE username = $1 AND ",
-                at_or_below!(sqlite, "$2"),
-                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
-                 AND NOT (state IN ('landed', 'held') AND lease_owner = $3)"
-            ),
-            concat!(
-                "SELECT COUNT(*) FROM jobs WHERE username = $1 AND ",
-                at_or_below!(postgres, "$2"),
-                " AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
-                 AND NOT (state IN ('landed', 'held') AND lease_owner = $3)"
-            ),
+        let busy: i64 = sqlx::query(at_or_below_query!(
+            self.dialect,
+            "$2",
+            ("SELECT COUNT(*) FROM jobs WHERE username = $1 AND "),
+            (" AND state IN ('held', 'landed', 'clean', 'infected', 'unscannable') \
+                 AND NOT (state IN ('landed', 'held') AND lease_owner = $3)")
         ))
         .bind(username)
         .bind(path)
@@ -489,17 +480,11 @@ impl State {
         path: &str,
         holder: &str,
     ) -> Result<(), StateError> {
-        sqlx::query(self.dialect.pick(
-            concat!(
-                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 AND ",
-                at_or_below!(sqlite, "$2"),
-                " AND lease_owner = $3"
-            ),
-            concat!(
-                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 AND ",
-                at_or_below!(postgres, "$2"),
-                " AND lease_owner = $3"
-            ),
+        sqlx::query(at_or_below_query!(
+            self.dialect,
+            "$2",
+            ("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE username = $1 AND "),
+            (" AND lease_owner = $3")
         ))
         .bind(username)
         .bind(path)
@@ -520,21 +505,14 @@ impl State {
         holder: &str,
         to_temporary: bool,
     ) -> Result<(), StateError> {
-        sqlx::query(self.dialect.pick(
-            concat!(
-                "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
+        sqlx::query(at_or_below_query!(
+            self.dialect,
+            "$2",
+            ("UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
                  state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
                  lease_owner = NULL, lease_until = NULL \
-                 WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 AND ",
-                at_or_below!(sqlite, "$2")
-            ),
-            concat!(
-                "UPDATE jobs SET path = $1 || substr(path, length($2) + 1), updated_at = $3, \
-                 state = CASE WHEN path = $2 THEN (CASE WHEN $6 THEN 'held' ELSE 'landed' END) ELSE state END, \
-                 lease_owner = NULL, lease_until = NULL \
-                 WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 AND ",
-                at_or_below!(postgres, "$2")
-            ),
+                 WHERE username = $4 AND state IN ('landed', 'held') AND lease_owner = $5 AND "),
+            ()
         ))
         .bind(to)
         .bind(from)
