@@ -49,21 +49,6 @@ macro_rules! columns {
 /// user; PostgreSQL's text order depends on the database's collation, so there only the exact test
 /// is used.
 macro_rules! at_or_below {
-    (sqlite, $p:literal) => {
-        concat!(
-            "path >= ",
-            $p,
-            " AND path < ",
-            $p,
-            " || '0' AND (path = ",
-            $p,
-            " OR substr(path, 1, length(",
-            $p,
-            ") + 1) = ",
-            $p,
-            " || '/')"
-        )
-    };
     (postgres, $p:literal) => {
         concat!(
             "(path = ",
@@ -73,6 +58,16 @@ macro_rules! at_or_below {
             ") + 1) = ",
             $p,
             " || '/')"
+        )
+    };
+    (sqlite, $p:literal) => {
+        concat!(
+            "path >= ",
+            $p,
+            " AND path < ",
+            $p,
+            " || '0' AND ",
+            at_or_below!(postgres, $p)
         )
     };
 }
