@@ -233,7 +233,10 @@ fn encode_into(batch: &mut BytesMut, reply: Reply) {
         Reply::Data { id, data } => {
             // SSH_FXP_DATA: length, type, request id, then the data as an SSH string. Reads are
             // capped far below 4 GiB, so the lengths fit.
-            let Ok(length) = u32::try_from(data.len()) else {
+            let lengths = u32::try_from(data.len())
+                .ok()
+                .and_then(|length| Some((length, length.checked_add(9)?)));
+            let Some((length, packet_length)) = lengths else {
                 tracing::error!(
                     bytes = data.len(),
                     "an SFTP data reply is too long to encode"
@@ -241,7 +244,7 @@ fn encode_into(batch: &mut BytesMut, reply: Reply) {
                 return;
             };
             batch.reserve(13 + data.len());
-            batch.put_u32(9 + length);
+            batch.put_u32(packet_length);
             batch.put_u8(SSH_FXP_DATA);
             batch.put_u32(id);
             batch.put_u32(length);
@@ -692,37 +695,37 @@ struct WriteRequest {
 /// Reads an SSH_FXP_WRITE (type, id, handle, offset, data) without copying its data, which is most
 /// of what an upload moves; `None` if it is malformed (russh-sftp's parser then reports it).
 fn parse_write(raw: &Bytes) -> Option<WriteRequest> {
-    let mut body = raw.get(1..).map(|_| raw.slice(1..))?;
+    if raw.is_empty() {
+        return None;
+    }
+    let mut body = raw.slice(1..);
     let id = body.try_get_u32().ok()?;
-    let handle_length = usize::try_from(body.try_get_u32().ok()?).ok()?;
-    if body.len() < handle_length {
-        return None;
-    }
-    let handle = String::from_utf8(body.split_to(handle_length).to_vec()).ok()?;
+    let handle = utf8(ssh_string(&mut body)?)?;
     let offset = body.try_get_u64().ok()?;
-    let data_length = usize::try_from(body.try_get_u32().ok()?).ok()?;
-    if body.len() < data_length {
-        return None;
-    }
+    let data = ssh_string(&mut body)?;
     Some(WriteRequest {
         id,
         handle,
         offset,
-        data: body.split_to(data_length),
+        data,
     })
+}
+
+/// Takes an SSH string (u32 length, then that many bytes) off the front of `data`, as a slice.
+fn ssh_string(data: &mut Bytes) -> Option<Bytes> {
+    let length = usize::try_from(data.try_get_u32().ok()?).ok()?;
+    (data.len() >= length).then(|| data.split_to(length))
+}
+
+fn utf8(bytes: Bytes) -> Option<String> {
+    String::from_utf8(bytes.to_vec()).ok()
 }
 
 /// Reads two SSH strings (u32 length + UTF-8) from an extended request's data.
 fn two_strings(data: &[u8]) -> Option<(String, String)> {
     let mut data = Bytes::copy_from_slice(data);
-    let mut next = || {
-        let length = usize::try_from(data.try_get_u32().ok()?).ok()?;
-        if data.len() < length {
-            return None;
-        }
-        String::from_utf8(data.split_to(length).to_vec()).ok()
-    };
-    Some((next()?, next()?))
+    let first = utf8(ssh_string(&mut data)?)?;
+    Some((first, utf8(ssh_string(&mut data)?)?))
 }
 
 /// What a concurrent request task holds.
