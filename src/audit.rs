@@ -87,6 +87,10 @@ pub enum Event {
     AuthTimeout {
         seconds: u64,
     },
+    /// An SFTP session was ended for breaking the protocol (a packet over the size limit).
+    ProtocolError {
+        reason: String,
+    },
     Open {
         path: String,
         mode: &'static str,

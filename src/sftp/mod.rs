@@ -15,3 +15,12 @@ mod server;
 mod session;
 
 pub use server::{FrontDoor, ssh_config};
+
+/// The session's decoders of what a client sends, exactly as the session runs them, public only
+/// for the `sftp_request` fuzz target (fuzz/fuzz_targets/sftp_request.rs); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::session::{
+        MAX_PACKET, Request, WriteRequest, decode_request, read_packets, two_strings,
+    };
+}

@@ -150,6 +150,14 @@ where
             Ok(Some(packet)) => session.dispatch(packet).await,
             Ok(None) => break,
             Err(error) => {
+                if let Some(oversized) = error
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<PacketSizeError>())
+                {
+                    session.ctx.audit(Event::ProtocolError {
+                        reason: oversized.to_string(),
+                    });
+                }
                 tracing::info!(%error, "ending the SFTP session");
                 break;
             }
@@ -166,6 +174,13 @@ where
     drop(reader);
 }
 
+/// A declared SFTP packet length outside `1..=MAX_PACKET`: the session ends, and is audited.
+#[derive(Debug, thiserror::Error)]
+#[error("an SFTP packet of {length} bytes is outside the limit of 1..={MAX_PACKET}")]
+struct PacketSizeError {
+    length: u32,
+}
+
 async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<Bytes>> {
     let length = match reader.read_u32().await {
         Ok(length) => length,
@@ -175,7 +190,7 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Op
     if length == 0 || length > MAX_PACKET {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("an SFTP packet of {length} bytes is outside the limit of 1..={MAX_PACKET}"),
+            PacketSizeError { length },
         ));
     }
     // Read straight into spare capacity: no zero-fill of a buffer about to be overwritten.
@@ -284,33 +299,10 @@ impl Session {
     }
 
     async fn dispatch(&mut self, raw: Bytes) {
-        let kind = raw.first().copied().unwrap_or(0);
-        if kind == SSH_FXP_WRITE
-            && let Some(write) = parse_write(&raw)
-        {
-            return self.write(write).await;
-        }
-        let id = raw.get(1..5).map_or(0, |mut bytes| bytes.get_u32());
-        let mut body = raw.clone();
-        let packet = match Packet::try_from(&mut body) {
-            Ok(packet) => packet,
-            Err(_) => {
-                let known = (SSH_FXP_INIT..=20).contains(&kind) || kind == SSH_FXP_EXTENDED;
-                let reply = if known {
-                    status(
-                        id,
-                        StatusCode::BadMessage,
-                        format!("malformed request of type {kind}"),
-                    )
-                } else {
-                    status(
-                        id,
-                        StatusCode::OpUnsupported,
-                        format!("unknown request type {kind}"),
-                    )
-                };
-                return self.send(reply).await;
-            }
+        let packet = match decode_request(raw) {
+            Request::Write(write) => return self.write(write).await,
+            Request::Refused(reply) => return self.send(reply).await,
+            Request::Packet(packet) => packet,
         };
         match packet {
             Packet::Init(_) => {
@@ -683,13 +675,77 @@ fn invalid_handle(id: u32) -> Packet {
     )
 }
 
+/// What `dispatch` makes of a packet body (the bytes after its length).
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Request {
+    /// An SSH_FXP_WRITE read by `parse_write`.
+    Write(WriteRequest),
+    /// Any other request (or a WRITE `parse_write` refused), as russh-sftp decodes it.
+    Packet(Packet),
+    /// A packet neither decodes: the status reply it gets.
+    Refused(Packet),
+}
+
+/// Decodes one packet body as the session does, for every packet `dispatch` receives: the WRITE
+/// fast path, then russh-sftp's decoder. Public (through `sftp::fuzzing`) only for the
+/// `sftp_request` fuzz target; not an API.
+#[doc(hidden)]
+pub fn decode_request(raw: Bytes) -> Request {
+    let kind = raw.first().copied().unwrap_or(0);
+    if kind == SSH_FXP_WRITE
+        && let Some(write) = parse_write(&raw)
+    {
+        return Request::Write(write);
+    }
+    let id = raw.get(1..5).map_or(0, |mut bytes| bytes.get_u32());
+    let mut body = raw;
+    match Packet::try_from(&mut body) {
+        Ok(packet) => Request::Packet(packet),
+        Err(_) => {
+            let known = (SSH_FXP_INIT..=20).contains(&kind) || kind == SSH_FXP_EXTENDED;
+            Request::Refused(if known {
+                status(
+                    id,
+                    StatusCode::BadMessage,
+                    format!("malformed request of type {kind}"),
+                )
+            } else {
+                status(
+                    id,
+                    StatusCode::OpUnsupported,
+                    format!("unknown request type {kind}"),
+                )
+            })
+        }
+    }
+}
+
+/// Splits `stream` into packets with `read_packet`, as `serve` reads its channel, until the end of
+/// the stream or the first error (returned after the packets before it). Public (through
+/// `sftp::fuzzing`) only for the `sftp_request` fuzz target; not an API.
+#[doc(hidden)]
+pub fn read_packets(mut stream: &[u8]) -> (Vec<Bytes>, std::io::Result<()>) {
+    futures::executor::block_on(async {
+        let mut packets = Vec::new();
+        loop {
+            match read_packet(&mut stream).await {
+                Ok(Some(packet)) => packets.push(packet),
+                Ok(None) => return (packets, Ok(())),
+                Err(error) => return (packets, Err(error)),
+            }
+        }
+    })
+}
+
 /// An SSH_FXP_WRITE whose data is a slice of the packet it came in.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-struct WriteRequest {
-    id: u32,
-    handle: String,
-    offset: u64,
-    data: Bytes,
+pub struct WriteRequest {
+    pub id: u32,
+    pub handle: String,
+    pub offset: u64,
+    pub data: Bytes,
 }
 
 /// Reads an SSH_FXP_WRITE (type, id, handle, offset, data) without copying its data, which is most
@@ -721,8 +777,10 @@ fn utf8(bytes: Bytes) -> Option<String> {
     String::from_utf8(bytes.to_vec()).ok()
 }
 
-/// Reads two SSH strings (u32 length + UTF-8) from an extended request's data.
-fn two_strings(data: &[u8]) -> Option<(String, String)> {
+/// Reads two SSH strings (u32 length + UTF-8) from an extended request's data. Public (through
+/// `sftp::fuzzing`) only for the `sftp_request` fuzz target; not an API.
+#[doc(hidden)]
+pub fn two_strings(data: &[u8]) -> Option<(String, String)> {
     let mut data = Bytes::copy_from_slice(data);
     let first = utf8(ssh_string(&mut data)?)?;
     Some((first, utf8(ssh_string(&mut data)?)?))
