@@ -2,10 +2,13 @@
 
 Usage: adversarial.py HOST PORT USER KEY OTHER_USER OTHER_KEY
 Prints one JSON object: case name -> outcome ("ok", "denied", "no such file", "unsupported",
-"bad message", "failure: <message>", "closed"). The Rust test decides what each must be.
+"bad message", "failure: <message>", "closed", "closed, exit status N", "hung"). The Rust test
+decides what each must be. A session of OTHER_USER, opened first with an upload under way, must
+still work after every hostile case.
 """
 import errno
 import json
+import socket
 import struct
 import sys
 
@@ -54,6 +57,13 @@ def raw(sftp, kind, body):
         return ("type %d" % reply_type, "")
     return (message.get_int(), message.get_text())
 
+
+# A bystander: another user's session, with an upload open, that lives through every hostile case.
+bystander_transport, bystander = connect(other_user, other_key)
+bystander.sock.settimeout(30)
+bystander_upload = bystander.open("bystander.txt", "w")
+bystander_upload.write(b"written before the hostile cases, ")
+bystander_upload.flush()
 
 transport, sftp = connect(user, key)
 with sftp.open("mine.txt", "w") as upload:
@@ -136,6 +146,38 @@ code, text = raw(sftp, proto.CMD_OPEN, truncated)
 results["truncated open"] = "status %s" % code
 attempt("still serving after bad packets", lambda: sftp.stat("mine.txt"))
 
+
+def cut_short(name, data, then_close):
+    """A session that sends `data` (a packet cut short) and then half-closes its channel (EOF) or
+    drops the whole connection. After an EOF the server must end the session, not wait for more."""
+    cut_transport, cut_sftp = connect(user, key)
+    channel = cut_sftp.sock
+    channel.sendall(data)
+    if then_close:
+        cut_transport.close()
+        results[name] = "sent"
+        return
+    channel.shutdown_write()
+    channel.settimeout(10)
+    try:
+        rest = channel.recv(1 << 16)
+        if rest:
+            results[name] = "answered %r" % rest[:40]
+        elif channel.status_event.wait(10):
+            results[name] = "closed, exit status %d" % channel.exit_status
+        else:
+            results[name] = "closed without an exit status"
+    except socket.timeout:
+        results[name] = "hung"
+    cut_transport.close()
+
+
+# Declares 1,000 bytes, sends 9: an OPEN whose path never arrives.
+cut_short("packet cut short, then EOF", struct.pack(">IBI", 1000, proto.CMD_OPEN, 4244) + b"\0\0\0\x07", False)
+cut_short("packet cut short, then disconnect", struct.pack(">IBI", 5000, proto.CMD_WRITE, 4245), True)
+cut_short("length cut short, then EOF", b"\0\0", False)
+attempt("still serving after cut-short packets", lambda: sftp.stat("mine.txt"))
+
 # A 1 MiB packet: over the limit, the session is closed…
 try:
     channel = sftp.sock
@@ -150,5 +192,17 @@ transport.close()
 transport, sftp = connect(user, key)
 attempt("new session after the oversized packet", lambda: sftp.stat("mine.txt"))
 transport.close()
+
+
+def bystander_carries_on():
+    bystander_upload.write(b"and finished after them")
+    bystander_upload.close()
+    if bystander.stat("bystander.txt").st_size != 57:
+        raise IOError("the bystander's upload has the wrong size")
+    bystander.listdir("/")
+
+
+attempt("bystander session after the hostile cases", bystander_carries_on)
+bystander_transport.close()
 
 print(json.dumps(results))
