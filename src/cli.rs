@@ -212,24 +212,32 @@ fn parse_state(text: &str) -> Result<Listed, String> {
     })
 }
 
-/// Lists interrupted uploads: owner, bytes stored, time since the last write.
+/// Lists interrupted uploads: owner, bytes stored, age (since the upload started) and time since
+/// the last write (what `server.partial_retention` counts).
 async fn list_partials(state: &State, user: Option<&str>, limit: u32) -> anyhow::Result<()> {
     let partials = state.partials(user).await?;
     println!(
-        "{:>6}  {:<16}  {:>12}  {:>10}  {:<24}  PATH",
-        "ID", "USER", "BYTES", "IDLE", "STARTED"
+        "{:>6}  {:<16}  {:>12}  {:>10}  {:>10}  {:<24}  PATH",
+        "ID", "USER", "BYTES", "AGE", "IDLE", "STARTED"
     );
-    let now = crate::state::now_ms();
+    let now = std::time::SystemTime::now();
+    let since = |then: std::time::SystemTime| {
+        // Whole seconds: milliseconds would only make the column wider.
+        let elapsed = now.duration_since(then).unwrap_or_default().as_secs();
+        humantime::format_duration(std::time::Duration::from_secs(elapsed)).to_string()
+    };
     for partial in partials.iter().take(limit as usize) {
-        let idle = std::time::Duration::from_secs(
-            u64::try_from(now.saturating_sub(partial.updated_ms) / 1000).unwrap_or(0),
-        );
+        let last_write = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(u64::try_from(partial.updated_ms).unwrap_or(0));
+        let age =
+            humantime::parse_rfc3339(&partial.started_at).map_or_else(|_| "?".to_string(), since);
         println!(
-            "{:>6}  {:<16}  {:>12}  {:>10}  {:<24}  /{}",
+            "{:>6}  {:<16}  {:>12}  {:>10}  {:>10}  {:<24}  /{}",
             partial.id,
             partial.username,
             partial.size,
-            humantime::format_duration(idle).to_string(),
+            age,
+            since(last_write),
             partial.started_at,
             partial.path
         );

@@ -80,15 +80,6 @@ fn check_outcome(scenario: &Scenario, output: &Output, client: &str) {
     );
 }
 
-fn python(script: &str, args: &[&str]) -> Output {
-    Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn openssh_sftp() {
     let Some(s) = scenario("openssh_sftp", &["sftp"], &[]) else {

@@ -27,6 +27,9 @@ fn setup(test: &str, needs_lftp: bool) -> Option<Setup> {
             return None;
         }
     }
+    if !require_python("paramiko", test) {
+        return None;
+    }
     if needs_lftp && !require("lftp", test) {
         return None;
     }
@@ -120,6 +123,26 @@ fn interrupted_put(server: &Server, setup: &Setup, local: &Path, remote: &str) -
     stored
 }
 
+/// Opens `path` for writing without truncation (a resume) and writes 1 KiB at `offset`, printing
+/// `accepted` or `refused: <the server's message>`.
+const WRITE_AT: &str = r#"
+import sys, paramiko
+from paramiko.sftp import CMD_OPEN, CMD_WRITE, CMD_CLOSE, int64
+from paramiko.sftp_attr import SFTPAttributes
+port, key, path, offset = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+t = paramiko.Transport(("127.0.0.1", port))
+t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
+s = paramiko.SFTPClient.from_transport(t)
+_, reply = s._request(CMD_OPEN, path, 0x02 | 0x08, SFTPAttributes())  # WRITE | CREAT, no TRUNC
+handle = reply.get_binary()
+try:
+    s._request(CMD_WRITE, handle, int64(offset), b"x" * 1024)
+    print("accepted")
+except IOError as error:
+    print("refused:", error.args[-1] if error.args else error)
+t.close()
+"#;
+
 fn wait_delivered(server: &Server, buckets: &Buckets, name: &str, local: &Path) {
     let jobs = server.wait_for_jobs(120, &format!("{name} delivered"), |jobs| {
         jobs.iter()
@@ -129,6 +152,13 @@ fn wait_delivered(server: &Server, buckets: &Buckets, name: &str, local: &Path) 
     assert_eq!(delivered.len(), 1, "delivered once: {jobs:#?}");
     assert_eq!(delivered[0].sha256, sha256_file(local));
     assert_eq!(delivered[0].size, std::fs::metadata(local).unwrap().len());
+    // The supplier's copy of the SHA-256: the close event covers the whole file.
+    let closed = server.events("close");
+    let close = closed
+        .iter()
+        .find(|event| event["path"] == format!("/{name}"))
+        .unwrap();
+    assert_eq!(close["sha256"], delivered[0].sha256.as_str(), "{close}");
     let bytes = buckets.delivered_bytes(server, name).unwrap();
     assert!(
         bytes == std::fs::read(local).unwrap(),
@@ -180,11 +210,27 @@ fn resume_scenarios(test: &str, buckets: Buckets) {
     );
     let listed = server.cli(&["transfers", "list", "--state", "partial"]);
     assert_success(&listed, "transfers list --state partial");
-    assert!(
-        text(&listed).contains("acme") && text(&listed).contains(&stored.to_string()),
-        "{}",
-        text(&listed)
+    // ID, USER, BYTES, AGE, IDLE, STARTED, PATH: the owner, the bytes stored and how old it is.
+    let listed = text(&listed);
+    let header: Vec<&str> = listed.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "USER", "BYTES", "AGE", "IDLE", "STARTED", "PATH"],
+        "{listed}"
     );
+    let row: Vec<&str> = listed
+        .lines()
+        .find(|line| line.ends_with("/big.bin"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        (row[1], row[2]),
+        ("acme", stored.to_string().as_str()),
+        "{listed}"
+    );
+    let age = humantime::parse_duration(row[3]).unwrap();
+    assert!(age < std::time::Duration::from_secs(600), "{listed}");
     let other = server.sftp("beta", &setup.beta, "ls -l\n");
     assert_success(&other, "another user's listing");
     assert!(!text(&other).contains("big.bin"), "{}", text(&other));
@@ -219,7 +265,31 @@ fn resume_scenarios(test: &str, buckets: Buckets) {
     // `put` (with truncation) after an interruption starts over and replaces the partial.
     let third = dir.join("third.bin");
     random_file(&third, 100 << 20, 23);
-    interrupted_put(&server, &setup, &third, "third.bin");
+    let third_stored = interrupted_put(&server, &setup, &third, "third.bin");
+    // A write beyond what is stored is refused with the offset to resume from; nothing changes.
+    let beyond = third_stored + (1 << 20);
+    let output = python(
+        WRITE_AT,
+        &[
+            &server.port.to_string(),
+            &setup.acme.private.display().to_string(),
+            "third.bin",
+            &beyond.to_string(),
+        ],
+    );
+    assert_success(&output, "paramiko writing beyond the stored size");
+    let said = text(&output);
+    assert!(
+        said.starts_with("refused: ")
+            && said.contains(&format!("resume from offset {third_stored} ")),
+        "{said}"
+    );
+    let kept: Vec<_> = server
+        .partials()
+        .into_iter()
+        .map(|p| (p.path, p.size))
+        .collect();
+    assert_eq!(kept, [("third.bin".to_string(), third_stored)]);
     let replacement = dir.join("third-v2.bin");
     random_file(&replacement, 5 << 20, 24);
     let output = server.sftp(
@@ -251,8 +321,9 @@ fn resume_scenarios(test: &str, buckets: Buckets) {
     );
     assert_success(&output, "reput after a server crash");
     let resumed = server.events("upload_resumed");
-    assert_eq!(resumed.len(), 3, "{resumed:?}");
-    assert_eq!(resumed[2]["from"].as_u64(), Some(kept[0].size));
+    // The fourth opening for resume: reput, lftp, the refused write, and this one.
+    assert_eq!(resumed.len(), 4, "{resumed:?}");
+    assert_eq!(resumed[3]["from"].as_u64(), Some(kept[0].size));
     wait_delivered(&server, &buckets, "fourth.bin", &fourth);
 
     wait_until(60, "landing emptied", || {

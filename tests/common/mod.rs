@@ -242,6 +242,20 @@ impl Server {
         env: &[(&str, &str)],
         database: Option<ingestion::config::Database>,
     ) -> Server {
+        let mut server = Server::spawn_with(users, extra_server, sections, landing, env, database);
+        server.wait_ready();
+        server
+    }
+
+    /// [`Server::launch_with`] without waiting for the server to listen (see [`Server::wait_ready`]).
+    pub fn spawn_with(
+        users: &[UserSpec],
+        extra_server: &str,
+        sections: &str,
+        landing: Landing,
+        env: &[(&str, &str)],
+        database: Option<ingestion::config::Database>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("users")).unwrap();
         let port = free_port();
@@ -315,15 +329,13 @@ impl Server {
             .unwrap();
         }
         let child = spawn_server(dir.path(), &landing, env);
-        let mut server = Server {
+        Server {
             dir,
             port,
             child,
             landing,
             database,
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     /// The admin plane's base URL (`http://127.0.0.1:port`), from the last start's audit event.
@@ -345,6 +357,13 @@ impl Server {
     /// Another node of the same service: its own folder, port and audit log, the same users, host
     /// key, state database and buckets (so the database must be PostgreSQL and the buckets S3).
     pub fn second_node(&self, env: &[(&str, &str)]) -> Server {
+        let mut node = self.spawn_second_node(env);
+        node.wait_ready();
+        node
+    }
+
+    /// [`Server::second_node`] without waiting for it to listen (see [`Server::wait_ready`]).
+    pub fn spawn_second_node(&self, env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("users")).unwrap();
         for entry in std::fs::read_dir(self.dir.path().join("users")).unwrap() {
@@ -367,15 +386,13 @@ impl Server {
             );
         std::fs::write(dir.path().join("ingestion.toml"), config).unwrap();
         let child = spawn_server(dir.path(), &self.landing, env);
-        let mut node = Server {
+        Server {
             dir,
             port,
             child,
             landing: self.landing.clone(),
             database: self.database.clone(),
-        };
-        node.wait_ready();
-        node
+        }
     }
 
     /// Sends SIGTERM (a graceful stop).
@@ -440,7 +457,8 @@ impl Server {
         found
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits (up to 30 s) until the server accepts connections; panics if it exits first.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -1238,4 +1256,14 @@ pub fn job<'a>(jobs: &'a [ingestion::state::Job], path: &str) -> &'a ingestion::
     jobs.iter()
         .find(|job| job.path == path)
         .unwrap_or_else(|| panic!("no job for {path}: {jobs:#?}"))
+}
+
+/// Runs a Python script (`python3 -c`) with arguments and returns what it printed.
+pub fn python(script: &str, args: &[&str]) -> Output {
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap()
 }
