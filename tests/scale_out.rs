@@ -1,5 +1,6 @@
 //! Several nodes and graceful stops: two nodes sharing PostgreSQL and S3 (moto) with one killed by
-//! SIGKILL while it holds leases, and a SIGTERM that lets an upload under way finish.
+//! SIGKILL while it holds leases; two nodes started together, resuming each other's uploads and
+//! handing work over at SIGTERM; and a SIGTERM that lets an upload under way finish.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -280,4 +281,176 @@ fn an_upload_cut_at_the_end_of_the_drain_is_kept_and_resumed_after_the_restart()
         Some(std::fs::read(&file).unwrap())
     );
     assert_eq!(server.jobs()[0].sha256, sha256_file(&file));
+}
+
+/// The host key a client sees on `port`, as `ssh-keyscan` prints it (without the host name).
+fn host_key_on_the_wire(port: u16) -> String {
+    let output = std::process::Command::new("ssh-keyscan")
+        // One key type: each type is a connection of its own, and failed key exchanges count
+        // towards the address's ban.
+        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert_success(&output, "ssh-keyscan");
+    let keys: Vec<String> = text(&output)
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| line.split_once(' ').unwrap().1.to_string())
+        .collect();
+    assert_eq!(keys.len(), 1, "one host key: {keys:?}");
+    keys[0].clone()
+}
+
+/// Two nodes on PostgreSQL and S3 through a node's life: started at the same moment on an empty
+/// database, one host key on the wire, an upload cut off on one node resumed through the other, a
+/// SIGTERM drain that lets an upload under way finish, and a SIGTERM that hands a job this node
+/// was in the middle of to the other node at once instead of after its lease.
+#[test]
+fn two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm() {
+    let test = "two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm";
+    let Some((files, key)) = keys(test) else {
+        return;
+    };
+    if !require("ssh-keyscan", test) {
+        return;
+    }
+    let Some(postgres) = require_postgres(test) else {
+        return;
+    };
+    let Some(moto) = require_moto(test) else {
+        return;
+    };
+    let database = ingestion::config::Database::Postgres {
+        url: fresh_postgres_database(&postgres),
+    };
+    let buckets = Buckets::S3(&moto);
+    let mut user = UserSpec::new("acme", &key);
+    user.destination = buckets.destination("acme");
+    // A lease far longer than the waits below: a job comes back early only if it is handed back.
+    let sections = "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"60s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n";
+
+    // Both started at once on an empty database: the migrations run once, under a lock.
+    let mut node_a = Server::spawn_with(
+        &[user],
+        "drain_time = \"60s\"",
+        sections,
+        buckets.landing(),
+        &[],
+        Some(database),
+    );
+    let mut node_b = node_a.spawn_second_node(&[]);
+    node_a.wait_ready();
+    node_b.wait_ready();
+    assert_eq!(
+        host_key_on_the_wire(node_a.port),
+        host_key_on_the_wire(node_b.port),
+        "both nodes show one host key"
+    );
+
+    // Cut off on node B, resumed through node A: the stored parts are in S3, the record in
+    // PostgreSQL.
+    let big = files.path().join("big.bin");
+    random_file(&big, 64 << 20, 41);
+    let mut client = node_b.sftp_spawn(
+        "acme",
+        &key,
+        &format!("put {} big.bin\n", big.display()),
+        // 64 MiB at 40 Mbit/s: about 13 s, time enough to see 32 MiB stored (two S3 parts).
+        &["-l", "40000"],
+    );
+    let stored = wait_until(120, "32 MiB of big.bin stored", || {
+        if let Some(status) = client.try_wait().unwrap() {
+            let mut said = String::new();
+            if let Some(mut stderr) = client.stderr.take() {
+                std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+            }
+            panic!(
+                "the upload ended early ({status}): {said}\n{:?}",
+                node_b.audit()
+            );
+        }
+        node_b
+            .partials()
+            .into_iter()
+            .find(|partial| partial.size >= 32 << 20)
+            .map(|partial| partial.size)
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let interrupted = node_b.wait_events("upload_interrupted", 1);
+    let kept = interrupted[0]["bytes_stored"].as_u64().unwrap();
+    assert!(kept >= stored, "{interrupted:?}");
+    let output = node_a.sftp("acme", &key, &format!("reput {} big.bin\n", big.display()));
+    assert_success(&output, "reput through the other node");
+    let resumed = node_a.events("upload_resumed");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0]["from"].as_u64(), Some(kept));
+    node_a.wait_for_jobs(120, "big.bin delivered", |jobs| {
+        jobs.iter().any(|job| job.state == JobState::Delivered)
+    });
+    assert!(buckets.delivered_bytes(&node_a, "big.bin").unwrap() == std::fs::read(&big).unwrap());
+
+    // SIGTERM to node A with an upload under way: it finishes, node A exits 0, node B delivers.
+    let slow = files.path().join("slow.bin");
+    random_file(&slow, 3 << 20, 42);
+    let upload = node_a.sftp_spawn(
+        "acme",
+        &key,
+        &format!("put {} slow.bin\n", slow.display()),
+        &["-l", "4000"],
+    );
+    wait_until(30, "the upload under way", || {
+        node_a
+            .events("open")
+            .into_iter()
+            .find(|event| event["path"] == "/slow.bin")
+    });
+    node_a.terminate();
+    assert_success(
+        &upload.wait_with_output().unwrap(),
+        "the upload under way when SIGTERM came",
+    );
+    let status = node_a.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}\n{}", node_a.log());
+    assert_eq!(node_a.events("service_stopped")[0]["connections_cut"], 0);
+    node_b.wait_for_jobs(60, "slow.bin delivered by node B", |jobs| {
+        jobs.iter()
+            .any(|job| job.path == "slow.bin" && job.state == JobState::Delivered)
+    });
+    assert!(buckets.delivered_bytes(&node_b, "slow.bin").unwrap() == std::fs::read(&slow).unwrap());
+
+    // Node A alone, stopped after copying a file: a SIGTERM gives its lease back, and node B takes
+    // the job over at once rather than after the 60 s lease.
+    node_b.terminate();
+    assert!(node_b.child.wait().unwrap().success(), "{}", node_b.log());
+    node_a.restart(&[("INGESTION_FAILPOINT", "pause-after-copy")]);
+    let held = files.path().join("held.csv");
+    random_file(&held, 64 << 10, 43);
+    let output = node_a.sftp("acme", &key, &format!("put {} held.csv\n", held.display()));
+    assert_success(&output, "an upload to node A");
+    node_a.wait_for_jobs(60, "held.csv copied by node A", |jobs| {
+        jobs.iter()
+            .any(|job| job.path == "held.csv" && job.copied_at.is_some())
+    });
+    node_a.terminate();
+    assert!(node_a.child.wait().unwrap().success(), "{}", node_a.log());
+    let stopped = node_a.events("service_stopped");
+    assert_eq!(
+        stopped.last().unwrap()["leases_released"]
+            .as_u64()
+            .map(|n| n >= 1),
+        Some(true),
+        "{stopped:?}"
+    );
+    node_b.restart(&[]);
+    let jobs = node_b.wait_for_jobs(30, "held.csv delivered by node B", |jobs| {
+        jobs.iter()
+            .any(|job| job.path == "held.csv" && job.state == JobState::Delivered)
+    });
+    assert_eq!(jobs.len(), 3, "{jobs:#?}");
+    assert_eq!(
+        buckets.delivered(&node_b),
+        ["big.bin", "held.csv", "slow.bin"]
+    );
+    assert!(buckets.delivered_bytes(&node_b, "held.csv").unwrap() == std::fs::read(&held).unwrap());
 }
