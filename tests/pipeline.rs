@@ -582,6 +582,56 @@ fn a_temporary_upload_name_is_delivered_once_under_its_final_name() {
     assert_eq!(server.wait_events("delivered", 2).len(), 2);
 }
 
+/// `server.temporary_names` replaces the default patterns: a name matching the configured pattern
+/// is held until renamed, and a name only the defaults matched is an ordinary file.
+#[test]
+fn configured_temporary_name_patterns_replace_the_defaults() {
+    let test = "configured_temporary_name_patterns_replace_the_defaults";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let server = Server::launch(
+        &[UserSpec::new("acme", &setup.key)],
+        "temporary_names = [\"~*.tmp\"]\ntemporary_name_timeout = \"1h\"",
+        "[scanner]\nengine = \"builtin\"\n",
+        Landing::Local,
+        &[],
+    );
+    let file = setup.files.path().join("data.csv");
+    random_file(&file, 100_000, 22);
+    let script = format!(
+        "put {f} ~report.tmp\nput {f} data.filepart\n",
+        f = file.display()
+    );
+    assert_success(
+        &server.sftp("acme", &setup.key, &script),
+        "uploads to a configured and a default temporary name",
+    );
+    let jobs = server.wait_for_jobs(30, "data.filepart delivered", |jobs| {
+        jobs.iter()
+            .any(|job| job.path == "data.filepart" && job.state == JobState::Delivered)
+    });
+    assert_eq!(job(&jobs, "~report.tmp").state, JobState::Held);
+    assert_eq!(server.files_in("buckets/delivered/acme"), ["data.filepart"]);
+
+    assert_success(
+        &server.sftp("acme", &setup.key, "rename ~report.tmp report.csv\n"),
+        "rename",
+    );
+    let jobs = server.wait_for_jobs(30, "report.csv delivered", |jobs| {
+        jobs.iter()
+            .any(|job| job.path == "report.csv" && job.state == JobState::Delivered)
+    });
+    assert!(
+        jobs.iter().all(|job| job.path != "~report.tmp"),
+        "the held job was renamed, not copied: {jobs:#?}"
+    );
+    assert_eq!(
+        server.files_in("buckets/delivered/acme"),
+        ["data.filepart", "report.csv"]
+    );
+}
+
 /// The same name uploaded twice, the first already delivered: by default the second replaces the
 /// first at the destination; with `on_conflict = "suffix"` it is kept beside it.
 #[test]
