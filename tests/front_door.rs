@@ -334,6 +334,85 @@ fn the_home_is_a_jail() {
     );
 }
 
+/// Opens each path for upload (WRITE | CREAT | TRUNC) and writes a line; prints one outcome per
+/// path: `ok`, or `refused: <the server's message>`.
+const UPLOAD_EACH: &str = r#"
+import sys, paramiko
+port, key, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+t = paramiko.Transport(("127.0.0.1", port))
+t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
+s = paramiko.SFTPClient.from_transport(t)
+for path in paths:
+    try:
+        with s.open(path, "w") as f:
+            f.write(b"1,2,3\n")
+        print(path, "ok")
+    except IOError as error:
+        print(path, "refused:", error.args[-1] if error.args else error)
+t.close()
+"#;
+
+/// A file goes into a folder made with mkdir (at any depth), into a folder that holds stored
+/// objects without having been made (files put into the bucket by other means), or is refused
+/// with a message saying what is wrong with the folder.
+#[test]
+fn uploads_need_an_existing_folder() {
+    let test = "uploads_need_an_existing_folder";
+    let Some(setup) = setup(test) else { return };
+    if !require("python3", test) || !require_python("paramiko", test) {
+        return;
+    }
+    let server = Server::start(&[acme(&setup)], "", Landing::Local);
+    assert_success(
+        &server.sftp("acme", &setup.acme, "mkdir in\nmkdir in/deep\n"),
+        "mkdir",
+    );
+    // Stored below `legacy/` by other means than this service: a folder all the same.
+    let legacy = server.dir.path().join("buckets/landing/acme/legacy");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join("old.csv"), b"old\n").unwrap();
+    let output = python(
+        UPLOAD_EACH,
+        &[
+            &server.port.to_string(),
+            &setup.acme.private.display().to_string(),
+            "top.csv",
+            "in/a.csv",
+            "in/deep/b.csv",
+            "legacy/new.csv",
+            "missing/c.csv",
+            "in/missing/d.csv",
+            "top.csv/e.csv",
+        ],
+    );
+    assert_success(&output, "paramiko uploads");
+    let said = text(&output);
+    let outcomes: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        outcomes,
+        [
+            "top.csv ok",
+            "in/a.csv ok",
+            "in/deep/b.csv ok",
+            "legacy/new.csv ok",
+            "missing/c.csv refused: the folder /missing does not exist; create it first (mkdir)",
+            "in/missing/d.csv refused: the folder /in/missing does not exist; create it first (mkdir)",
+            "top.csv/e.csv refused: /top.csv is a file, not a folder",
+        ],
+        "{said}"
+    );
+    assert_eq!(
+        server.landing_listing(),
+        [
+            "acme/in/a.csv",
+            "acme/in/deep/b.csv",
+            "acme/legacy/new.csv",
+            "acme/legacy/old.csv",
+            "acme/top.csv"
+        ]
+    );
+}
+
 #[test]
 fn uploads_cannot_be_read_back_but_can_be_managed() {
     let Some(setup) = setup("uploads_cannot_be_read_back_but_can_be_managed") else {

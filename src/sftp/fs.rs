@@ -827,7 +827,6 @@ impl UserView {
     async fn open_upload(&self, path: &VirtualPath, flags: OpenFlags) -> Result<Opened, SftpError> {
         let home = self.writable(path)?;
         self.check_name(&home)?;
-        self.require_folder(&path.parent()).await?;
         let truncate = flags.contains(OpenFlags::TRUNCATE);
         let target = Target {
             state: &self.state,
@@ -838,11 +837,25 @@ impl UserView {
             max_size: self.max_file_size,
         };
         let (parent, name) = Self::folder_row(&home);
-        let (made_folder, partial) = self
-            .state
-            .upload_target(&self.user.username, &home.relative(), &parent, &name)
-            .await?;
-        if let Some(partial) = partial {
+        let (grandparent, parent_name) = Self::folder_row(&home.parent());
+        let relative = home.relative();
+        // The state database and the landing bucket are asked at once. What the bucket holds at
+        // this path matters only when the database knows nothing of it.
+        let (known, existing) = tokio::join!(
+            self.state.upload_target(
+                &self.user.username,
+                &relative,
+                (&parent, &name),
+                (&grandparent, &parent_name),
+            ),
+            Self::stored_entry(&self.landing, self.home_key(&home), path)
+        );
+        let known = known?;
+        if !home.parent().is_root() && !known.parent_is_made_folder {
+            // Not a folder made with mkdir: an error, or a folder because objects are stored below.
+            self.require_folder(&path.parent()).await?;
+        }
+        if let Some(partial) = known.partial {
             if flags.contains(OpenFlags::EXCLUDE) {
                 return Err(SftpError::failure(format!("{path} already exists")));
             }
@@ -862,10 +875,10 @@ impl UserView {
             });
         }
         // Not `stat`: what it would look for in the state database is known.
-        let existing = if made_folder {
+        let existing = if known.is_made_folder {
             Ok(Entry::Folder)
         } else {
-            Self::stored_entry(&self.landing, self.home_key(&home), path).await
+            existing
         };
         match existing {
             Ok(Entry::Folder) => return Err(SftpError::failure(format!("{path} is a folder"))),

@@ -16,7 +16,7 @@ mod partials;
 pub use events::{AuditRecord, StoredEvent};
 pub use jobs::{Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms};
 pub use outbox::{Alert, NewAlert};
-pub use partials::{NewPartial, Partial, Replaced};
+pub use partials::{NewPartial, Partial, Replaced, UploadTarget};
 
 use std::borrow::Cow;
 use std::path::Path;

@@ -75,6 +75,17 @@ fn partial_from_row(row: &AnyRow) -> Result<Partial, StateError> {
     })
 }
 
+/// What [`State::upload_target`] found about a path about to be opened for upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadTarget {
+    /// The path is a folder made with `mkdir`.
+    pub is_made_folder: bool,
+    /// Its parent is a folder made with `mkdir`.
+    pub parent_is_made_folder: bool,
+    /// Its interrupted upload.
+    pub partial: Option<Partial>,
+}
+
 impl State {
     /// Creates the partial of a path for `new.writer`. With `replace`, a partial already there is
     /// discarded and returned (a newer upload of the path wins); without, nothing changes if there
@@ -189,32 +200,40 @@ impl State {
     }
 
     /// What opening `path` for upload needs to know, with one query: whether it is a folder made
-    /// with `mkdir` (its `parent` and `name` in `folders`), and its partial, if there is one.
+    /// with `mkdir` (`folder`: its parent and name in `folders`), whether its parent folder is one
+    /// (`parent_folder`, likewise), and its partial, if there is one.
     pub async fn upload_target(
         &self,
         username: &str,
         path: &str,
-        parent: &str,
-        name: &str,
-    ) -> Result<(bool, Option<Partial>), StateError> {
+        folder: (&str, &str),
+        parent_folder: (&str, &str),
+    ) -> Result<UploadTarget, StateError> {
         let row = sqlx::query(concat!(
             "SELECT (SELECT COUNT(*) FROM folders WHERE username = $1 AND parent = $3 AND name = $4) \
-             AS made_folders, ",
+             AS made_folders, \
+             (SELECT COUNT(*) FROM folders WHERE username = $1 AND parent = $5 AND name = $6) \
+             AS made_parents, ",
             partial_columns!(),
             " FROM (SELECT 1 AS here) AS here LEFT JOIN partials ON username = $1 AND path = $2"
         ))
         .bind(username)
         .bind(path)
-        .bind(parent)
-        .bind(name)
+        .bind(folder.0)
+        .bind(folder.1)
+        .bind(parent_folder.0)
+        .bind(parent_folder.1)
         .fetch_one(&self.pool)
         .await?;
-        let made_folder = row.try_get::<i64, _>("made_folders")? > 0;
         let partial = match row.try_get::<Option<i64>, _>("id")? {
             Some(_) => Some(partial_from_row(&row)?),
             None => None,
         };
-        Ok((made_folder, partial))
+        Ok(UploadTarget {
+            is_made_folder: row.try_get::<i64, _>("made_folders")? > 0,
+            parent_is_made_folder: row.try_get::<i64, _>("made_parents")? > 0,
+            partial,
+        })
     }
 
     /// Makes `writer` the writer of a partial and returns it with its stored parts, in order.
@@ -395,34 +414,60 @@ mod tests {
     #[tokio::test]
     async fn an_upload_target_is_a_made_folder_a_partial_or_nothing() {
         let (_dir, state) = state().await;
-        let target = |path: &'static str, parent: &'static str, name: &'static str| {
+        let target = |path: &'static str, folder: (&'static str, &'static str)| {
             let state = state.clone();
             async move {
-                let (folder, partial) = state
-                    .upload_target("acme", path, parent, name)
+                let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+                let parent_folder = parent.rsplit_once('/').unwrap_or(("", parent));
+                let target = state
+                    .upload_target("acme", path, folder, parent_folder)
                     .await
                     .unwrap();
-                (folder, partial.map(|partial| partial.path))
+                (
+                    target.is_made_folder,
+                    target.parent_is_made_folder,
+                    target.partial.map(|partial| partial.path),
+                )
             }
         };
-        assert_eq!(target("in/big.bin", "in", "big.bin").await, (false, None));
+        assert_eq!(
+            target("in/big.bin", ("in", "big.bin")).await,
+            (false, false, None)
+        );
         state
             .start_partial(&new("w1"), true)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(
-            target("in/big.bin", "in", "big.bin").await,
-            (false, Some("in/big.bin".to_string()))
+            target("in/big.bin", ("in", "big.bin")).await,
+            (false, false, Some("in/big.bin".to_string()))
         );
         assert!(state.create_folder("acme", "", "in").await.unwrap());
-        assert_eq!(target("in", "", "in").await, (true, None));
-        assert_eq!(target("other", "", "other").await, (false, None));
-        let (_, theirs) = state
-            .upload_target("someone", "in/big.bin", "in", "big.bin")
+        assert_eq!(
+            target("in/big.bin", ("in", "big.bin")).await,
+            (false, true, Some("in/big.bin".to_string()))
+        );
+        assert_eq!(target("in", ("", "in")).await, (true, false, None));
+        assert_eq!(target("other", ("", "other")).await, (false, false, None));
+        assert!(state.create_folder("acme", "in", "deep").await.unwrap());
+        assert_eq!(
+            target("in/deep/x.csv", ("in/deep", "x.csv")).await,
+            (false, true, None)
+        );
+        assert_eq!(
+            target("in/other/x.csv", ("in/other", "x.csv")).await,
+            (false, false, None)
+        );
+        let theirs = state
+            .upload_target("someone", "in/big.bin", ("in", "big.bin"), ("", "in"))
             .await
             .unwrap();
-        assert_eq!(theirs, None, "another user's partial is not this one's");
+        assert_eq!(
+            (theirs.parent_is_made_folder, theirs.partial),
+            (false, None),
+            "another user's folder and partial are not this one's"
+        );
     }
 
     #[tokio::test]
