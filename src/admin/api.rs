@@ -167,7 +167,7 @@ pub async fn transfers(
     headers: HeaderMap,
     Query(query): Query<TransfersQuery>,
 ) -> Response {
-    if let Some(refused) = refusal(&admin.0, peer.0, &headers, "/api/transfers") {
+    if let Some(refused) = refusal(&admin.0, peer.0.0, &headers, "/api/transfers") {
         return refused;
     }
     let (filter, page) = match job_filter(&query) {
@@ -193,7 +193,7 @@ pub async fn transfer(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(refused) = refusal(&admin.0, peer.0, &headers, "/api/transfers/{id}") {
+    if let Some(refused) = refusal(&admin.0, peer.0.0, &headers, "/api/transfers/{id}") {
         return refused;
     }
     let Ok(id) = id.parse::<i64>() else {
@@ -234,7 +234,7 @@ struct UserSummary {
 }
 
 pub async fn users(admin: Shared, peer: Peer, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&admin.0, peer.0, &headers, "/api/users") {
+    if let Some(refused) = refusal(&admin.0, peer.0.0, &headers, "/api/users") {
         return refused;
     }
     let users: Vec<UserSummary> = admin

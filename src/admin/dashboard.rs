@@ -91,7 +91,7 @@ pub async fn login(admin: Shared, peer: Peer, Form(login): Form<Login>) -> Respo
         return login_page(StatusCode::FORBIDDEN, Some(Refusal::Closed.message()));
     }
     if !admin.token_matches(login.token.trim()) {
-        admin.audit_refusal(peer.0, "/login", Refusal::Wrong.message());
+        admin.audit_refusal(peer.0.0, "/login", Refusal::Wrong.message());
         return login_page(StatusCode::UNAUTHORIZED, Some("That token is wrong."));
     }
     let Some(session) = admin.new_session() else {
@@ -99,7 +99,7 @@ pub async fn login(admin: Shared, peer: Peer, Form(login): Form<Login>) -> Respo
     };
     admin
         .audit
-        .record(&peer_subject(peer.0), Event::AdminLogin {});
+        .record(&peer_subject(peer.0.0), Event::AdminLogin {});
     let cookie = format!(
         "{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
         SESSION_LIFETIME.as_secs()

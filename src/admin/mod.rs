@@ -10,6 +10,7 @@
 mod api;
 mod dashboard;
 mod health;
+mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -109,7 +110,9 @@ impl Admin {
             .route("/logout", post(dashboard::logout))
             .route("/dashboard.css", get(dashboard::stylesheet))
             .with_state(self);
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let service = router.into_make_service_with_connect_info::<listener::PeerAddress>();
+        let listener =
+            listener::CappedListener::new(listener, listener::MAX_CONNECTIONS, listener::IDLE);
         if let Err(error) = axum::serve(listener, service).await {
             tracing::error!(%error, "the admin listener stopped");
         }
@@ -264,7 +267,8 @@ fn unix_now() -> u64 {
 }
 
 type Shared = Extract<Arc<Admin>>;
-type Peer = ConnectInfo<SocketAddr>;
+/// The client's address.
+type Peer = ConnectInfo<listener::PeerAddress>;
 
 #[cfg(test)]
 mod tests {
