@@ -9,7 +9,8 @@
 //!
 //! The service also copies every line to the state database ([`Audit::copy_to_database`]), so that
 //! the events of all nodes can be searched in one place (admin API, dashboard). The copy is made in
-//! the background through a bounded queue; the file stays the record of truth.
+//! the background through a bounded queue, and trimmed to `[admin] audit_retention`
+//! ([`trim_database_copy`]); the file stays the record of truth.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -425,6 +426,42 @@ async fn copy_lines(state: State, mut lines: tokio::sync::mpsc::Receiver<AuditRe
             delay = (delay * 2).min(Duration::from_secs(10));
         }
         batch.clear();
+    }
+}
+
+/// How often the database copy is trimmed to its retention.
+const TRIM_EVERY: Duration = Duration::from_secs(3600);
+
+/// Lines deleted per statement, so that trimming never holds the database for long.
+const TRIM_BATCH: u32 = 5000;
+
+/// Deletes, every hour and at start, the copied lines older than `retention` from the state
+/// database (`[admin] audit_retention`). The audit file is not touched: it keeps every line.
+pub async fn trim_database_copy(state: State, retention: Duration) {
+    loop {
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let before = humantime::format_rfc3339_millis(cutoff).to_string();
+        let mut deleted = 0u64;
+        loop {
+            match state.delete_audit_events_before(&before, TRIM_BATCH).await {
+                Ok(count) => {
+                    deleted += count;
+                    if count < u64::from(TRIM_BATCH) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot trim the audit lines copied to the database; trying again later");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, %before, "trimmed audit lines copied to the database");
+        }
+        tokio::time::sleep(TRIM_EVERY).await;
     }
 }
 

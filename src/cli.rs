@@ -362,6 +362,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         audit.clone(),
     ));
     let notifier_task = tokio::spawn(notifier.clone().run());
+    tokio::spawn(crate::audit::trim_database_copy(
+        state.clone(),
+        config.admin.audit_retention,
+    ));
     tokio::spawn(crate::sftp::partial::expire_partials(
         state.clone(),
         landing.clone(),

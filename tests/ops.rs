@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 use ingestion::state::JobState;
@@ -556,4 +557,64 @@ fn audit_verify_passes_on_a_real_run_and_fails_after_one_byte_changes() {
         "names the line after the edited one: {}",
         text(&broken)
     );
+}
+
+/// Copied audit lines older than `[admin] audit_retention` leave the state database when the
+/// service starts (and hourly); newer ones stay.
+#[test]
+fn copied_audit_lines_past_their_retention_leave_the_database() {
+    let test = "copied_audit_lines_past_their_retention_leave_the_database";
+    let Some((_files, key)) = keys(test) else {
+        return;
+    };
+    let mut server = server_with_token(&key, &format!("audit_retention = \"2h\"\n{BUILTIN}"));
+    let copied = |server: &Server| -> Vec<(String, String)> {
+        server.query(|state| async move {
+            state
+                .recent_events(1000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|event| (event.event, event.time))
+                .collect()
+        })
+    };
+    wait_until(30, "the start copied", || {
+        copied(&server)
+            .iter()
+            .any(|(event, _)| event == "service_started")
+            .then_some(())
+    });
+    // Lines as if copied three hours and one hour ago.
+    let at = |hours: u64| {
+        let then = std::time::SystemTime::now() - Duration::from_secs(hours * 3600);
+        humantime::format_rfc3339_millis(then).to_string()
+    };
+    let old = ingestion::state::AuditRecord {
+        time: at(3),
+        event: "old_line".into(),
+        username: None,
+        job: None,
+        line: "{\"event\":\"old_line\"}".into(),
+    };
+    let recent = ingestion::state::AuditRecord {
+        time: at(1),
+        event: "recent_line".into(),
+        ..old.clone()
+    };
+    server.query(|state| async move {
+        state.insert_audit_events(&[old, recent]).await.unwrap();
+    });
+    server.restart(&[(TOKEN_ENV, TOKEN)]);
+    let events: Vec<String> = wait_until(30, "the second start copied, the old line gone", || {
+        let events: Vec<String> = copied(&server)
+            .into_iter()
+            .map(|(event, _)| event)
+            .collect();
+        let starts = events.iter().filter(|event| *event == "service_started");
+        (starts.count() == 2 && !events.contains(&"old_line".to_string())).then_some(events)
+    });
+    assert!(events.contains(&"recent_line".to_string()), "{events:?}");
+    // The audit file keeps everything it had.
+    assert_eq!(server.events("service_started").len(), 2);
 }

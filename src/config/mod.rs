@@ -80,7 +80,12 @@ pub struct Admin {
     pub listen: Option<SocketAddr>,
     /// The bearer token for the API and the dashboard.
     pub token: Option<Secret>,
+    /// How long audit lines copied to the state database are kept there (the file keeps them all).
+    pub audit_retention: Duration,
 }
+
+/// How long copied audit lines stay in the state database unless configured.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// The admin plane's address unless configured.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -320,6 +325,8 @@ struct RawAdmin {
     token_env: Option<Spanned<String>>,
     /// Or a file holding it (relative to this file), e.g. a systemd credential.
     token_file: Option<Spanned<String>>,
+    /// How long audit lines copied to the state database are kept there, e.g. "90d".
+    audit_retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1131,7 +1138,24 @@ fn parse_admin(raw: &RawAdmin, base: &Path, report: &mut FileReporter) -> Admin 
         },
         None => DEFAULT_ADMIN_LISTEN.parse().ok(),
     };
-    Admin { listen, token }
+    let audit_retention = duration_field(
+        report,
+        "admin.audit_retention",
+        &raw.audit_retention,
+        DEFAULT_AUDIT_RETENTION,
+    );
+    if audit_retention < Duration::from_secs(3600) {
+        report.at(
+            raw.audit_retention.as_ref().map(Spanned::span),
+            "admin.audit_retention",
+            "keep copied audit lines at least an hour, such as \"90d\" (the audit file keeps every line)",
+        );
+    }
+    Admin {
+        listen,
+        token,
+        audit_retention,
+    }
 }
 
 fn parse_notify(raw: &RawNotify, report: &mut FileReporter) -> Notify {
@@ -1402,8 +1426,23 @@ database = "mysql://x"
             config.admin,
             Admin {
                 listen: Some("127.0.0.1:9090".parse().unwrap()),
-                token: None
+                token: None,
+                audit_retention: DEFAULT_AUDIT_RETENTION,
             }
+        );
+        let kept = format!("{MINIMAL}[admin]\naudit_retention = \"30d\"\n");
+        assert_eq!(
+            Config::parse(Path::new("c.toml"), &kept)
+                .unwrap()
+                .admin
+                .audit_retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        let short = format!("{MINIMAL}[admin]\naudit_retention = \"10m\"\n");
+        let problems = Config::parse(Path::new("c.toml"), &short).unwrap_err();
+        assert!(
+            problems.to_string().contains("admin.audit_retention"),
+            "{problems}"
         );
         let off = format!("{MINIMAL}[admin]\nlisten = \"off\"\n");
         assert_eq!(

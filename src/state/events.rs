@@ -77,6 +77,24 @@ impl State {
         rows.iter().map(event_from_row).collect()
     }
 
+    /// Deletes up to `batch` copied audit lines older than `before` (an RFC 3339 UTC time, the
+    /// form lines are stored in, so that text order is time order); returns how many went.
+    pub async fn delete_audit_events_before(
+        &self,
+        before: &str,
+        batch: u32,
+    ) -> Result<u64, StateError> {
+        let deleted = sqlx::query(
+            "DELETE FROM audit_events WHERE id IN \
+             (SELECT id FROM audit_events WHERE time < $1 ORDER BY time LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     /// The most recent audit lines, newest first.
     pub async fn recent_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StateError> {
         let rows = sqlx::query(
@@ -103,6 +121,46 @@ mod tests {
             job,
             line: format!("{{\"event\":\"{event}\"}}"),
         }
+    }
+
+    #[tokio::test]
+    async fn old_audit_lines_are_deleted_in_batches_and_recent_ones_kept() {
+        let (_dir, state) = state().await;
+        let at = |time: &str, event: &str| AuditRecord {
+            time: time.into(),
+            ..record(event, None)
+        };
+        state
+            .insert_audit_events(&[
+                at("2026-09-01T00:00:00.000Z", "old-1"),
+                at("2026-09-02T23:59:59.999Z", "old-2"),
+                at("2026-09-03T00:00:00.000Z", "kept-1"),
+                at("2026-12-04T10:00:00.000Z", "kept-2"),
+                at("2026-08-31T12:00:00.000Z", "old-3"),
+            ])
+            .await
+            .unwrap();
+        let cutoff = "2026-09-03T00:00:00.000Z";
+        assert_eq!(
+            state.delete_audit_events_before(cutoff, 2).await.unwrap(),
+            2
+        );
+        assert_eq!(
+            state.delete_audit_events_before(cutoff, 2).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            state.delete_audit_events_before(cutoff, 2).await.unwrap(),
+            0
+        );
+        let kept: Vec<String> = state
+            .recent_events(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| event.event)
+            .collect();
+        assert_eq!(kept, ["kept-2", "kept-1"]);
     }
 
     #[tokio::test]

@@ -503,7 +503,7 @@ impl Server {
     }
 
     /// Runs `query` on the server's state database.
-    fn query<T, F: Future<Output = T>>(
+    pub fn query<T, F: Future<Output = T>>(
         &self,
         query: impl FnOnce(ingestion::state::State) -> F,
     ) -> T {
