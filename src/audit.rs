@@ -384,6 +384,44 @@ impl Audit {
     }
 }
 
+/// How long a CLI command waits for the state database to store its audit line.
+const CLI_COPY_PATIENCE: Duration = Duration::from_secs(10);
+
+impl Audit {
+    /// Records one event of a CLI command (a user added or removed, a retry requested) and copies
+    /// its line to the state database of `database` directly, since no copier runs in the CLI. The
+    /// file is written first and is enough: a database that cannot be reached (within 10 s) only
+    /// costs the copy, with a warning.
+    pub async fn record_from_cli(
+        &self,
+        database: &crate::config::Database,
+        subject: &Subject,
+        event: Event,
+    ) {
+        let record = match self.append(subject, &event) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::error!(%error, ?event, "cannot append to the audit log");
+                return;
+            }
+        };
+        let copy = async {
+            let state = State::open(database).await?;
+            state.insert_audit_events(&[record]).await
+        };
+        match tokio::time::timeout(CLI_COPY_PATIENCE, copy).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                %error,
+                "the audit line is in the audit file but could not be copied to the state database"
+            ),
+            Err(_) => tracing::warn!(
+                "the audit line is in the audit file; the state database did not answer in time to copy it"
+            ),
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,

@@ -254,7 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => check(&config),
         Command::Quickstart { dir, port } => quickstart(&dir, port).await,
         Command::Transfers { config, command } => transfers(&config, command).await,
-        Command::User { config, command } => user(&config, command),
+        Command::User { config, command } => user(&config, command).await,
         Command::Policy { config, command } => policy(config.as_deref(), command),
         Command::Reload { config } => reload(&config),
         Command::Notify { config, command } => notify(&config, command).await,
@@ -664,7 +664,13 @@ async fn transfers(config_path: &Path, command: TransfersCommand) -> anyhow::Res
                 });
             }
             let audit = Audit::open(&config.server.audit_log)?;
-            audit.record(&Subject::default(), Event::JobRetryRequested { job: id });
+            audit
+                .record_from_cli(
+                    &config.state.database,
+                    &Subject::default(),
+                    Event::JobRetryRequested { job: id },
+                )
+                .await;
             println!("transfer {id} will be tried again by the running service");
         }
     }
@@ -800,7 +806,7 @@ fn reload(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
+async fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
     if let UserCommand::Remove { username } = &command {
         // Works even when some user file is broken, so a bad file can always be removed.
         let config = read_config(config_path)?;
@@ -814,12 +820,15 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
         }
         std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
         let audit = Audit::open(&config.server.audit_log)?;
-        audit.record(
-            &Subject::default(),
-            Event::UserRemoved {
-                username: username.clone(),
-            },
-        );
+        audit
+            .record_from_cli(
+                &config.state.database,
+                &Subject::default(),
+                Event::UserRemoved {
+                    username: username.clone(),
+                },
+            )
+            .await;
         println!(
             "removed {}; run `ingestion reload --config {}` so that the running service refuses new logins",
             file.display(),
@@ -839,13 +848,16 @@ fn user(config_path: &Path, command: UserCommand) -> anyhow::Result<()> {
                 println!("warning: {warning}");
             }
             let audit = Audit::open(&config.server.audit_log)?;
-            audit.record(
-                &Subject::default(),
-                Event::UserAdded {
-                    username: added.user.username.clone(),
-                    key_fingerprints: onboarding::fingerprints(&added.user),
-                },
-            );
+            audit
+                .record_from_cli(
+                    &config.state.database,
+                    &Subject::default(),
+                    Event::UserAdded {
+                        username: added.user.username.clone(),
+                        key_fingerprints: onboarding::fingerprints(&added.user),
+                    },
+                )
+                .await;
             print!(
                 "{}",
                 next_steps(&config, &added.user, environment, &added.file)?

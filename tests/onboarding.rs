@@ -147,6 +147,18 @@ fn user_add_then_check_then_reload_lets_the_supplier_log_in() {
         "login with the RSA key given as RFC 4716",
     );
     assert_eq!(server.events("user_added").len(), 1);
+    // The CLI copies its line to the state database too, where every node's events are found.
+    let copied = server.query(|state| async move { state.recent_events(1000).await.unwrap() });
+    let added: Vec<_> = copied
+        .iter()
+        .filter(|event| event.event == "user_added")
+        .collect();
+    assert_eq!(added.len(), 1, "{copied:?}");
+    assert!(
+        added[0].line.contains("\"username\":\"acme\""),
+        "{}",
+        added[0].line
+    );
 }
 
 #[test]

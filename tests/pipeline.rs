@@ -247,6 +247,15 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
     );
     server.wait_for_jobs(30, "delivery after retry", |jobs| all_final(jobs, 1));
     assert_eq!(server.files_in("buckets/delivered/acme"), ["a.csv"]);
+    // The operator's retry is among the job's events in the state database, not only in the file.
+    let id = jobs[0].id;
+    let events = server.query(|state| async move { state.job_events(id).await.unwrap() });
+    assert!(
+        events
+            .iter()
+            .any(|event| event.event == "job_retry_requested"),
+        "{events:?}"
+    );
     let refused = server.cli(&["transfers", "retry", &jobs[0].id.to_string()]);
     assert_failure(&refused, "retrying a delivered transfer");
 }
