@@ -171,19 +171,21 @@ async fn render(admin: &std::sync::Arc<Admin>) -> Result<String, crate::state::S
         limit: Some(ROWS),
         ..JobFilter::default()
     };
-    let (recent, quarantined, failed) = (
-        latest(None),
-        latest(Some(JobState::Quarantined)),
-        latest(Some(JobState::Failed)),
-    );
-    let (health, totals, recent, quarantined, failed) = tokio::join!(
+    let (recent, quarantined) = (latest(None), latest(Some(JobState::Quarantined)));
+    let stuck_before = humantime::format_rfc3339_millis(
+        SystemTime::now()
+            .checked_sub(admin.stuck_after)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    )
+    .to_string();
+    let (health, totals, recent, quarantined, stuck) = tokio::join!(
         readiness(admin),
         admin.state.job_totals(Some(&since)),
         admin.state.jobs(&recent),
         admin.state.jobs(&quarantined),
-        admin.state.jobs(&failed),
+        admin.state.stuck_jobs(&stuck_before, ROWS),
     );
-    let (totals, recent, quarantined, failed) = (totals?, recent?, quarantined?, failed?);
+    let (totals, recent, quarantined, stuck) = (totals?, recent?, quarantined?, stuck?);
     let mut body = String::from(
         "<header><h1>ingestion</h1><form method=\"post\" action=\"/logout\">\
          <button type=\"submit\">Sign out</button></form></header><main>",
@@ -236,15 +238,6 @@ async fn render(admin: &std::sync::Arc<Admin>) -> Result<String, crate::state::S
 
     transfers_table(&mut body, "Recent transfers", "transfers", &recent);
     transfers_table(&mut body, "Quarantine", "quarantine", &quarantined);
-    let stuck: Vec<Job> = failed
-        .into_iter()
-        .filter(|job| {
-            humantime::parse_rfc3339(&job.received_at)
-                .ok()
-                .and_then(|at| at.elapsed().ok())
-                .is_some_and(|age| age >= admin.stuck_after)
-        })
-        .collect();
     transfers_table(&mut body, "Stuck jobs", "stuck", &stuck);
     body.push_str("</main>");
     Ok(body)

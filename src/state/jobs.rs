@@ -28,6 +28,18 @@ macro_rules! open_states {
     };
 }
 
+/// The condition of a stuck job, received before `$1`: still unfinished or failed, after at least
+/// one attempt. What stuck alerts report and the dashboard lists.
+macro_rules! stuck_since {
+    () => {
+        concat!(
+            "(state IN ",
+            open_states!(),
+            " OR state = 'failed') AND attempts > 0 AND received_at < $1"
+        )
+    };
+}
+
 /// States of the jobs that get a receipt: all but those that never reached the pipeline because
 /// a later upload replaced their bytes (`superseded`) or their owner removed the file (`removed`).
 macro_rules! receipt_states {
@@ -799,9 +811,9 @@ impl State {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM jobs WHERE (state IN ",
-            open_states!(),
-            " OR state = 'failed') AND attempts > 0 AND received_at < $1 AND stuck_alerted_at IS NULL ORDER BY id"
+            " FROM jobs WHERE ",
+            stuck_since!(),
+            " AND stuck_alerted_at IS NULL ORDER BY id"
         ))
         .bind(cutoff)
         .fetch_all(&self.pool)
@@ -826,6 +838,23 @@ impl State {
             reported.push(job);
         }
         Ok(reported)
+    }
+
+    /// Stuck jobs received before `cutoff` (as stuck alerts define them, alerted or not), newest
+    /// first, at most `limit`.
+    pub async fn stuck_jobs(&self, cutoff: &str, limit: u32) -> Result<Vec<Job>, StateError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM jobs WHERE ",
+            stuck_since!(),
+            " ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     /// Records a failed attempt: the job waits `backoff` before its next try, or becomes `failed`
@@ -1290,6 +1319,46 @@ mod tests {
         assert_eq!(
             (job.state, job.attempts, job.last_error.as_deref()),
             (JobState::Clean, 0, Some("disk full"))
+        );
+    }
+
+    #[tokio::test]
+    async fn stuck_jobs_are_those_tried_and_unfinished_or_failed_before_the_cutoff() {
+        let (_dir, state) = state().await;
+        let retrying = state.record_upload(&job("b.csv"), "s").await.unwrap();
+        let failed = state.record_upload(&job("c.csv"), "s").await.unwrap();
+        for (id, max_attempts) in [(retrying, 5), (failed, 1)] {
+            let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+            assert_eq!(claimed.id, id, "claimed in order");
+            state
+                .record_failure(
+                    id,
+                    "w",
+                    "clamd down",
+                    Duration::from_secs(3600),
+                    max_attempts,
+                )
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // Never tried yet: waiting, not stuck.
+        state.record_upload(&job("a.csv"), "s").await.unwrap();
+        let ids = |jobs: Vec<Job>| jobs.iter().map(|job| job.id).collect::<Vec<_>>();
+        let later = "9999-01-01T00:00:00.000Z";
+        assert_eq!(
+            ids(state.stuck_jobs(later, 10).await.unwrap()),
+            [failed, retrying]
+        );
+        assert_eq!(ids(state.stuck_jobs(later, 1).await.unwrap()), [failed]);
+        let earlier = "2000-01-01T00:00:00.000Z";
+        assert!(state.stuck_jobs(earlier, 10).await.unwrap().is_empty());
+        // The alerts report the same jobs, once; the dashboard keeps listing them.
+        let reported = state.report_stuck(later, |_| Vec::new()).await.unwrap();
+        assert_eq!(ids(reported), [retrying, failed]);
+        assert_eq!(
+            ids(state.stuck_jobs(later, 10).await.unwrap()),
+            [failed, retrying]
         );
     }
 
