@@ -634,7 +634,7 @@ impl State {
         .bind(owner)
         .bind(later_ms(lease))
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.leases)
         .await?;
         row.as_ref().map(job_from_row).transpose()
     }
@@ -667,7 +667,7 @@ impl State {
                 .bind(later_ms(lease))
                 .bind(id)
                 .bind(owner)
-                .execute(&self.pool)
+                .execute(&self.leases)
                 .await?;
         Ok(result.rows_affected() == 1)
     }

@@ -110,7 +110,7 @@ impl State {
         .bind(later_ms(lease))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.leases)
         .await?;
         rows.iter().map(alert_from_row).collect()
     }
