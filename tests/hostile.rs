@@ -378,15 +378,23 @@ fn unauthenticated_connections_are_capped_while_another_address_logs_in() {
     assert_eq!(server.events("connection_refused").len(), 2);
 }
 
-#[test]
-fn auth_attempts_per_connection_are_capped() {
-    let test = "auth_attempts_per_connection_are_capped";
+/// A front-door server with one user, acme, whose Ed25519 key is returned, for a paramiko peer.
+fn paramiko_peer(test: &str) -> Option<(tempfile::TempDir, Key, Server)> {
     if !require("ssh-keygen", test) || !require_python("paramiko", test) {
-        return;
+        return None;
     }
     let keys = tempfile::tempdir().unwrap();
     let acme = keygen(keys.path(), "acme", &["-t", "ed25519"]);
     let server = Server::start(&[UserSpec::new("acme", &acme)], "", Landing::Local);
+    Some((keys, acme, server))
+}
+
+#[test]
+fn auth_attempts_per_connection_are_capped() {
+    let Some((_keys, acme, server)) = paramiko_peer("auth_attempts_per_connection_are_capped")
+    else {
+        return;
+    };
     let port = server.port.to_string();
 
     // Ten wrong keys on one connection: six are answered, the seventh ends the connection.
@@ -428,13 +436,11 @@ fn auth_attempts_per_connection_are_capped() {
 
 #[test]
 fn open_uploads_and_folder_listings_are_capped_per_session() {
-    let test = "open_uploads_and_folder_listings_are_capped_per_session";
-    if !require("ssh-keygen", test) || !require_python("paramiko", test) {
+    let Some((_keys, acme, server)) =
+        paramiko_peer("open_uploads_and_folder_listings_are_capped_per_session")
+    else {
         return;
-    }
-    let keys = tempfile::tempdir().unwrap();
-    let acme = keygen(keys.path(), "acme", &["-t", "ed25519"]);
-    let server = Server::start(&[UserSpec::new("acme", &acme)], "", Landing::Local);
+    };
     let port = server.port.to_string();
     let key = acme.private.display().to_string();
 

@@ -79,6 +79,30 @@ fn sigterm_lets_an_upload_under_way_finish_then_exits_cleanly() {
     );
 }
 
+/// What several nodes share: a fresh PostgreSQL database and a moto S3 server (with local files and
+/// acme's key).
+struct Shared {
+    files: tempfile::TempDir,
+    key: Key,
+    moto: Moto,
+    database: ingestion::config::Database,
+}
+
+fn shared(test: &str) -> Option<Shared> {
+    let (files, key) = keys(test)?;
+    let postgres = require_postgres(test)?;
+    let moto = require_moto(test)?;
+    let database = ingestion::config::Database::Postgres {
+        url: fresh_postgres_database(&postgres),
+    };
+    Some(Shared {
+        files,
+        key,
+        moto,
+        database,
+    })
+}
+
 /// Webhook alerts received, by event id, for files (paths) announced as delivered.
 fn delivered_alerts(receiver: &Receiver) -> BTreeMap<String, BTreeSet<String>> {
     let mut by_path: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -98,17 +122,14 @@ fn delivered_alerts(receiver: &Receiver) -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
     let test = "two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing";
-    let Some((files, key)) = keys(test) else {
+    let Some(Shared {
+        files,
+        key,
+        moto,
+        database,
+    }) = shared(test)
+    else {
         return;
-    };
-    let Some(postgres) = require_postgres(test) else {
-        return;
-    };
-    let Some(moto) = require_moto(test) else {
-        return;
-    };
-    let database = ingestion::config::Database::Postgres {
-        url: fresh_postgres_database(&postgres),
     };
     let buckets = Buckets::S3(&moto);
     let receiver = Receiver::start(&[]);
@@ -308,20 +329,17 @@ fn host_key_on_the_wire(port: u16) -> String {
 #[test]
 fn two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm() {
     let test = "two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm";
-    let Some((files, key)) = keys(test) else {
-        return;
-    };
     if !require("ssh-keyscan", test) {
         return;
     }
-    let Some(postgres) = require_postgres(test) else {
+    let Some(Shared {
+        files,
+        key,
+        moto,
+        database,
+    }) = shared(test)
+    else {
         return;
-    };
-    let Some(moto) = require_moto(test) else {
-        return;
-    };
-    let database = ingestion::config::Database::Postgres {
-        url: fresh_postgres_database(&postgres),
     };
     let buckets = Buckets::S3(&moto);
     let mut user = UserSpec::new("acme", &key);

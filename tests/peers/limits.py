@@ -147,33 +147,25 @@ def handle_caps(host, port, user, key):
     sftp.sock.settimeout(TIMEOUT)
     requests = Requests(sftp)
 
-    uploads = []
-    while len(uploads) < 64:
-        outcome, handle = requests.open_upload("cap-%d.txt" % len(uploads))
-        if handle is None:
-            results["upload refused"] = outcome
-            break
-        uploads.append(handle)
-    results["uploads opened"] = len(uploads)
-    results["close one upload"] = requests.close(uploads.pop(0))
-    outcome, handle = requests.open_upload("cap-again.txt")
-    results["upload after closing one"] = outcome
-    if handle is not None:
-        uploads.append(handle)
+    def fill(kind, open_one):
+        """Opens handles until the server refuses one, closes one, opens one more; returns them."""
+        handles = []
+        while len(handles) < 64:
+            outcome, handle = open_one(len(handles))
+            if handle is None:
+                results[kind + " refused"] = outcome
+                break
+            handles.append(handle)
+        results[kind + "s opened"] = len(handles)
+        results["close one " + kind] = requests.close(handles.pop(0))
+        outcome, handle = open_one("again")
+        results[kind + " after closing one"] = outcome
+        if handle is not None:
+            handles.append(handle)
+        return handles
 
-    folders = []
-    while len(folders) < 64:
-        outcome, handle = requests.open_folder("/")
-        if handle is None:
-            results["folder refused"] = outcome
-            break
-        folders.append(handle)
-    results["folders opened"] = len(folders)
-    results["close one folder"] = requests.close(folders.pop(0))
-    outcome, handle = requests.open_folder("/")
-    results["folder after closing one"] = outcome
-    if handle is not None:
-        folders.append(handle)
+    uploads = fill("upload", lambda index: requests.open_upload("cap-%s.txt" % index))
+    folders = fill("folder", lambda index: requests.open_folder("/"))
 
     closed = [requests.close(handle) for handle in uploads + folders]
     results["close the rest"] = "ok" if all(c == "status 0: OK" for c in closed) else str(closed)
