@@ -1,6 +1,7 @@
 //! Several nodes and graceful stops: two nodes sharing PostgreSQL and S3 (moto) with one killed by
 //! SIGKILL while it holds leases; two nodes started together, resuming each other's uploads and
-//! handing work over at SIGTERM; and a SIGTERM that lets an upload under way finish.
+//! handing work over at SIGTERM; a dead node's abandoned S3 upload aborted by the survivor; and a
+//! SIGTERM that lets an upload under way finish.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -471,4 +472,70 @@ fn two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm(
         ["big.bin", "held.csv", "slow.bin"]
     );
     assert!(buckets.delivered_bytes(&node_b, "held.csv").unwrap() == std::fs::read(&held).unwrap());
+}
+
+/// A node killed with SIGKILL in the middle of an upload leaves a multipart upload in S3 that no
+/// client comes back for: the surviving node's janitor aborts it once `partial_retention` passes.
+#[test]
+fn a_dead_nodes_abandoned_upload_is_aborted_by_the_survivor() {
+    let test = "a_dead_nodes_abandoned_upload_is_aborted_by_the_survivor";
+    let Some(Shared {
+        files,
+        key,
+        moto,
+        database,
+    }) = shared(test)
+    else {
+        return;
+    };
+    let buckets = Buckets::S3(&moto);
+    let mut user = UserSpec::new("acme", &key);
+    user.destination = buckets.destination("acme");
+    let mut node_a = Server::launch_with(
+        &[user],
+        // Longer than the gaps between an upload's stored parts, which keep its record fresh.
+        "partial_retention = \"5s\"",
+        "[scanner]\nengine = \"builtin\"\n",
+        buckets.landing(),
+        &[],
+        Some(database),
+    );
+    let node_b = node_a.second_node(&[]);
+    let big = files.path().join("big.bin");
+    random_file(&big, 300 << 20, 44);
+    // 300 MiB at 200 Mbit/s: a 16 MiB part stored about every 0.7 s, for 12 s; node A dies after
+    // the first.
+    let mut client = node_a.sftp_spawn(
+        "acme",
+        &key,
+        &format!("put {} big.bin\n", big.display()),
+        &["-l", "200000"],
+    );
+    let stored = wait_until(120, "a part of big.bin stored", || {
+        node_b
+            .partials()
+            .into_iter()
+            .find(|partial| partial.size >= 16 << 20)
+            .map(|partial| partial.size)
+    });
+    node_a.kill9();
+    let _ = client.wait();
+    let landing = node_b.landing_listing();
+    assert_eq!(
+        landing,
+        ["MULTIPART landing-prefix/acme/big.bin"],
+        "the dead node's upload is open in S3"
+    );
+    // Node B removes the record and aborts the multipart upload, and says so.
+    let expired = node_b.wait_events("partial_expired", 1);
+    assert_eq!(expired[0]["path"], "/big.bin", "{expired:?}");
+    assert!(
+        expired[0]["bytes_stored"].as_u64() >= Some(stored),
+        "{expired:?}"
+    );
+    wait_until(30, "the multipart upload aborted", || {
+        node_b.landing_listing().is_empty().then_some(())
+    });
+    assert!(node_b.partials().is_empty());
+    assert!(node_b.jobs().is_empty(), "nothing is delivered");
 }
