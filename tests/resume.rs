@@ -389,3 +389,107 @@ fn an_abandoned_partial_expires_on_s3() {
         expiry(test, Buckets::S3(&moto));
     }
 }
+
+/// Makes every partial of the server look last written long ago (left behind), as a client that
+/// never came back would leave it.
+fn age_partials(server: &Server) {
+    let url = match &server.database {
+        ingestion::config::Database::Sqlite { path } => format!("sqlite://{}", path.display()),
+        ingestion::config::Database::Postgres { url } => url.clone(),
+    };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("UPDATE partials SET updated_ms = 0")
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+}
+
+/// `limits.max_partials_per_user`: with that many interrupted uploads left behind, a new upload is
+/// refused with what to do; resuming one is not, and once it is done new uploads work again.
+#[test]
+fn interrupted_uploads_left_behind_are_capped_per_user() {
+    let test = "interrupted_uploads_left_behind_are_capped_per_user";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let buckets = Buckets::Local;
+    let server = Server::launch(
+        &users(&buckets, &setup),
+        "max_file_size = \"1 GiB\"",
+        "[scanner]\nengine = \"builtin\"\n[limits]\nmax_partials_per_user = 1\n",
+        buckets.landing(),
+        &[],
+    );
+    let big = setup.files.path().join("big.bin");
+    random_file(&big, 300 << 20, 27);
+    interrupted_put(&server, &setup, &big, "big.bin");
+    let small = setup.files.path().join("small.csv");
+    std::fs::write(&small, "a,b\n").unwrap();
+    let put_small = || {
+        server.sftp(
+            "acme",
+            &setup.acme,
+            &format!("put {} small.csv\n", small.display()),
+        )
+    };
+    // Still being written a moment ago: not left behind yet.
+    assert_success(&put_small(), "an upload beside a fresh partial");
+    age_partials(&server);
+    let output = python(
+        UPLOAD_ONE,
+        &[
+            &server.port.to_string(),
+            &setup.acme.private.display().to_string(),
+            "other.csv",
+        ],
+    );
+    assert_success(&output, "paramiko");
+    assert_eq!(
+        text(&output).trim(),
+        "refused: /other.csv: you have 1 interrupted uploads waiting to be resumed (at most 1 may \
+         wait); resume them (reput), remove the ones you no longer need (rm), or wait until they \
+         expire"
+    );
+    // Another user is not affected.
+    let theirs = server.sftp(
+        "beta",
+        &setup.beta,
+        &format!("put {} small.csv\n", small.display()),
+    );
+    assert_success(&theirs, "another user's upload");
+    // Resuming is allowed, and afterwards new uploads are again.
+    let output = server.sftp(
+        "acme",
+        &setup.acme,
+        &format!("reput {} big.bin\n", big.display()),
+    );
+    assert_success(&output, "reput of the partial left behind");
+    let output = python(
+        UPLOAD_ONE,
+        &[
+            &server.port.to_string(),
+            &setup.acme.private.display().to_string(),
+            "other.csv",
+        ],
+    );
+    assert_eq!(text(&output).trim(), "ok");
+}
+
+/// Uploads one small file to `path` as acme; prints `ok` or `refused: <the server's message>`.
+const UPLOAD_ONE: &str = r#"
+import sys, paramiko
+port, key, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+t = paramiko.Transport(("127.0.0.1", port))
+t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
+s = paramiko.SFTPClient.from_transport(t)
+try:
+    with s.open(path, "w") as f:
+        f.write(b"1,2\n")
+    print("ok")
+except IOError as error:
+    print("refused:", error.args[-1] if error.args else error)
+t.close()
+"#;

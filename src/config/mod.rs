@@ -360,6 +360,8 @@ struct RawLimits {
     penalty_max: Option<Spanned<String>>,
     /// Sessions one user may have open at once.
     max_sessions_per_user: Option<Spanned<i64>>,
+    /// Interrupted uploads one user may keep waiting to be resumed.
+    max_partials_per_user: Option<Spanned<i64>>,
     /// Networks never banned, e.g. a load balancer's health checkers: ["10.0.0.0/24"].
     #[serde(default)]
     penalty_exempt: Vec<Spanned<String>>,
@@ -1040,6 +1042,12 @@ fn parse_limits(raw: &RawLimits, report: &mut FileReporter) -> crate::sftp::guar
             "limits.max_sessions_per_user",
             &raw.max_sessions_per_user,
             defaults.max_sessions_per_user,
+        ),
+        max_partials_per_user: count(
+            report,
+            "limits.max_partials_per_user",
+            &raw.max_partials_per_user,
+            defaults.max_partials_per_user,
         ),
         penalty_exempt: cidr_list(report, "limits.penalty_exempt", &raw.penalty_exempt),
     };

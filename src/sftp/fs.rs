@@ -128,13 +128,22 @@ pub const HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a rename or remove waits for the pipeline to let go of a path.
 const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What one upload, and one user's uploads together, may take.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// Bytes in one file, across resumes.
+    pub max_file_size: u64,
+    /// Interrupted uploads kept at once: a new upload is refused beyond it.
+    pub max_partials: usize,
+}
+
 /// One user's view of the buckets.
 pub struct UserView {
     user: Arc<User>,
     landing: Bucket,
     egress: Option<Bucket>,
     state: State,
-    max_file_size: u64,
+    limits: UploadLimits,
     /// Lease owner name for this session's holds on paths.
     holder: String,
     temporary_names: Arc<crate::config::TemporaryNames>,
@@ -148,7 +157,7 @@ impl UserView {
         landing: Bucket,
         egress: Option<Bucket>,
         state: State,
-        max_file_size: u64,
+        limits: UploadLimits,
         session: &str,
         temporary_names: Arc<crate::config::TemporaryNames>,
         receipts: crate::config::Receipts,
@@ -158,7 +167,7 @@ impl UserView {
             landing,
             egress,
             state,
-            max_file_size,
+            limits,
             // One holder per SFTP channel: channels of one connection must not release each other's holds.
             holder: format!(
                 "sftp:{session}:{}",
@@ -834,11 +843,14 @@ impl UserView {
             username: &self.user.username,
             home: &home,
             key: self.home_key(&home),
-            max_size: self.max_file_size,
+            max_size: self.limits.max_file_size,
         };
         let (parent, name) = Self::folder_row(&home);
         let (grandparent, parent_name) = Self::folder_row(&home.parent());
         let relative = home.relative();
+        let left_behind_ms = crate::state::now_ms().saturating_sub(
+            i64::try_from(super::partial::LEFT_BEHIND_AFTER.as_millis()).unwrap_or(i64::MAX),
+        );
         // The state database and the landing bucket are asked at once. What the bucket holds at
         // this path matters only when the database knows nothing of it.
         let (known, existing) = tokio::join!(
@@ -847,6 +859,7 @@ impl UserView {
                 &relative,
                 (&parent, &name),
                 (&grandparent, &parent_name),
+                left_behind_ms,
             ),
             Self::stored_entry(&self.landing, self.home_key(&home), path)
         );
@@ -854,6 +867,16 @@ impl UserView {
         if !home.parent().is_root() && !known.parent_is_made_folder {
             // Not a folder made with mkdir: an error, or a folder because objects are stored below.
             self.require_folder(&path.parent()).await?;
+        }
+        if known.partial.is_none()
+            && known.left_behind >= u64::try_from(self.limits.max_partials).unwrap_or(u64::MAX)
+        {
+            return Err(SftpError::failure(format!(
+                "{path}: you have {} interrupted uploads waiting to be resumed (at most {} may \
+                 wait); resume them (reput), remove the ones you no longer need (rm), or wait until \
+                 they expire",
+                known.left_behind, self.limits.max_partials
+            )));
         }
         if let Some(partial) = known.partial {
             if flags.contains(OpenFlags::EXCLUDE) {

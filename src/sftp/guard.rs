@@ -23,6 +23,9 @@ pub struct Limits {
     /// …up to this.
     pub penalty_max: Duration,
     pub max_sessions_per_user: usize,
+    /// Interrupted uploads one user may keep at once (after the login: checked when a new upload
+    /// opens, see `sftp::fs`).
+    pub max_partials_per_user: usize,
     /// Addresses never banned (a load balancer's health checks, a monitoring host).
     pub penalty_exempt: Vec<ipnet::IpNet>,
 }
@@ -37,6 +40,7 @@ impl Default for Limits {
             penalty_base: Duration::from_secs(30),
             penalty_max: Duration::from_secs(3600),
             max_sessions_per_user: 16,
+            max_partials_per_user: 100,
             penalty_exempt: Vec::new(),
         }
     }

@@ -39,6 +39,10 @@ const INTERRUPTED: &str = "the server's storage failed; what was received is kep
 /// (`server.partial_retention`) never takes an upload that is slow but still under way.
 const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// A partial not written to for this long counts as left behind (for
+/// `limits.max_partials_per_user`): an upload still receiving bytes refreshes its record more often.
+pub const LEFT_BEHIND_AFTER: std::time::Duration = TOUCH_EVERY.saturating_mul(2);
+
 /// Why recording progress failed.
 enum RecordError {
     /// Another writer has the partial now, or it is gone.

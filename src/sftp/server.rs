@@ -643,7 +643,10 @@ impl Handler for Connection {
                 self.door.landing.clone(),
                 egress,
                 self.door.state.clone(),
-                self.door.max_file_size,
+                crate::sftp::fs::UploadLimits {
+                    max_file_size: self.door.max_file_size,
+                    max_partials: self.door.guard.limits().max_partials_per_user,
+                },
                 &session_of(&self.subject),
                 self.door.temporary_names.clone(),
                 self.door.receipts,

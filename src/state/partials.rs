@@ -82,6 +82,8 @@ pub struct UploadTarget {
     pub is_made_folder: bool,
     /// Its parent is a folder made with `mkdir`.
     pub parent_is_made_folder: bool,
+    /// The user's partials last written before the time given (left behind, not being written).
+    pub left_behind: u64,
     /// Its interrupted upload.
     pub partial: Option<Partial>,
 }
@@ -201,19 +203,23 @@ impl State {
 
     /// What opening `path` for upload needs to know, with one query: whether it is a folder made
     /// with `mkdir` (`folder`: its parent and name in `folders`), whether its parent folder is one
-    /// (`parent_folder`, likewise), and its partial, if there is one.
+    /// (`parent_folder`, likewise), its partial, if there is one, and how many of the user's
+    /// partials were last written before `left_behind_ms`.
     pub async fn upload_target(
         &self,
         username: &str,
         path: &str,
         folder: (&str, &str),
         parent_folder: (&str, &str),
+        left_behind_ms: i64,
     ) -> Result<UploadTarget, StateError> {
         let row = sqlx::query(concat!(
             "SELECT (SELECT COUNT(*) FROM folders WHERE username = $1 AND parent = $3 AND name = $4) \
              AS made_folders, \
              (SELECT COUNT(*) FROM folders WHERE username = $1 AND parent = $5 AND name = $6) \
-             AS made_parents, ",
+             AS made_parents, \
+             (SELECT COUNT(*) FROM partials WHERE username = $1 AND updated_ms < $7) \
+             AS left_behind, ",
             partial_columns!(),
             " FROM (SELECT 1 AS here) AS here LEFT JOIN partials ON username = $1 AND path = $2"
         ))
@@ -223,6 +229,7 @@ impl State {
         .bind(folder.1)
         .bind(parent_folder.0)
         .bind(parent_folder.1)
+        .bind(left_behind_ms)
         .fetch_one(&self.pool)
         .await?;
         let partial = match row.try_get::<Option<i64>, _>("id")? {
@@ -232,6 +239,7 @@ impl State {
         Ok(UploadTarget {
             is_made_folder: row.try_get::<i64, _>("made_folders")? > 0,
             parent_is_made_folder: row.try_get::<i64, _>("made_parents")? > 0,
+            left_behind: u64::try_from(row.try_get::<i64, _>("left_behind")?).unwrap_or(0),
             partial,
         })
     }
@@ -420,7 +428,7 @@ mod tests {
                 let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
                 let parent_folder = parent.rsplit_once('/').unwrap_or(("", parent));
                 let target = state
-                    .upload_target("acme", path, folder, parent_folder)
+                    .upload_target("acme", path, folder, parent_folder, i64::MAX)
                     .await
                     .unwrap();
                 (
@@ -460,14 +468,36 @@ mod tests {
             (false, false, None)
         );
         let theirs = state
-            .upload_target("someone", "in/big.bin", ("in", "big.bin"), ("", "in"))
+            .upload_target(
+                "someone",
+                "in/big.bin",
+                ("in", "big.bin"),
+                ("", "in"),
+                i64::MAX,
+            )
             .await
             .unwrap();
         assert_eq!(
-            (theirs.parent_is_made_folder, theirs.partial),
-            (false, None),
-            "another user's folder and partial are not this one's"
+            (
+                theirs.parent_is_made_folder,
+                theirs.left_behind,
+                theirs.partial
+            ),
+            (false, 0, None),
+            "another user's folder and partials are not this one's"
         );
+        let left_behind = |before_ms: i64| {
+            let state = state.clone();
+            async move {
+                state
+                    .upload_target("acme", "x.csv", ("", "x.csv"), ("", ""), before_ms)
+                    .await
+                    .unwrap()
+                    .left_behind
+            }
+        };
+        assert_eq!(left_behind(i64::MAX).await, 1, "written before now");
+        assert_eq!(left_behind(0).await, 0, "written after 1970");
     }
 
     #[tokio::test]
