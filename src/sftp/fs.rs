@@ -133,7 +133,8 @@ const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct UploadLimits {
     /// Bytes in one file, across resumes.
     pub max_file_size: u64,
-    /// Interrupted uploads kept at once: a new upload is refused beyond it.
+    /// Interrupted uploads left behind (see `partial::LEFT_BEHIND_AFTER`) at which a new upload
+    /// is refused; resuming one stays allowed.
     pub max_partials: usize,
 }
 
