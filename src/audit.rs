@@ -477,10 +477,7 @@ const TRIM_BATCH: u32 = 5000;
 /// database (`[admin] audit_retention`). The audit file is not touched: it keeps every line.
 pub async fn trim_database_copy(state: State, retention: Duration) {
     loop {
-        let cutoff = SystemTime::now()
-            .checked_sub(retention)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let before = humantime::format_rfc3339_millis(cutoff).to_string();
+        let before = crate::state::time_ago(retention);
         let mut deleted = 0u64;
         loop {
             match state.delete_audit_events_before(&before, TRIM_BATCH).await {

@@ -7,7 +7,7 @@
 //! styles and nothing from elsewhere, so even a missed escape could not run anything.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Form;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -162,22 +162,14 @@ pub async fn page(admin: Shared, headers: HeaderMap) -> Response {
 }
 
 async fn render(admin: &std::sync::Arc<Admin>) -> Result<String, crate::state::StateError> {
-    let day_ago = SystemTime::now()
-        .checked_sub(Duration::from_secs(24 * 3600))
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let since = humantime::format_rfc3339_millis(day_ago).to_string();
+    let since = crate::state::time_ago(Duration::from_secs(24 * 3600));
     let latest = |state: Option<JobState>| JobFilter {
         state,
         limit: Some(ROWS),
         ..JobFilter::default()
     };
     let (recent, quarantined) = (latest(None), latest(Some(JobState::Quarantined)));
-    let stuck_before = humantime::format_rfc3339_millis(
-        SystemTime::now()
-            .checked_sub(admin.stuck_after)
-            .unwrap_or(SystemTime::UNIX_EPOCH),
-    )
-    .to_string();
+    let stuck_before = crate::state::time_ago(admin.stuck_after);
     let (health, totals, recent, quarantined, stuck) = tokio::join!(
         readiness(admin),
         admin.state.job_totals(Some(&since)),

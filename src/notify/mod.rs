@@ -13,7 +13,7 @@ mod message;
 mod send;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 pub use message::Facts;
 pub use send::{SendError, Sender, sign};
@@ -208,9 +208,7 @@ impl Notifier {
 
     async fn report_stuck_forever(self: Arc<Self>) {
         loop {
-            let cutoff =
-                humantime::format_rfc3339_millis(SystemTime::now() - self.settings.stuck_after)
-                    .to_string();
+            let cutoff = crate::state::time_ago(self.settings.stuck_after);
             let users = self.users.current();
             let operators = self.settings.operators.clone();
             let reported = self

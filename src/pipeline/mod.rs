@@ -273,8 +273,7 @@ impl Pipeline {
         let period = (timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             tokio::time::sleep(period).await;
-            let cutoff = humantime::format_rfc3339_millis(std::time::SystemTime::now() - timeout)
-                .to_string();
+            let cutoff = crate::state::time_ago(timeout);
             match self.state.release_idle_held(&cutoff).await {
                 Ok(0) => {}
                 Ok(released) => {

@@ -334,14 +334,24 @@ impl Dialect {
 #[derive(Debug, Clone)]
 pub struct State {
     pub(crate) pool: AnyPool,
-    /// For taking, renewing and giving up leases (see [`SQLITE_LEASE_PRAGMAS`]); on PostgreSQL,
-    /// the same pool.
+    /// For taking and renewing leases (see [`SQLITE_LEASE_PRAGMAS`]); on PostgreSQL, the same
+    /// pool.
     pub(crate) leases: AnyPool,
     pub(crate) dialect: Dialect,
 }
 
 pub(crate) fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// The time `ago` before now, in the form times are stored in (RFC 3339 UTC with milliseconds, so
+/// that text order is time order), for cutoffs; the Unix epoch when that is earlier still, so that
+/// no configured duration can overflow.
+pub(crate) fn time_ago(ago: std::time::Duration) -> String {
+    let then = SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    humantime::format_rfc3339_millis(then).to_string()
 }
 
 impl State {
@@ -546,6 +556,20 @@ mod tests {
         let mut fresh = url::Url::parse(url).unwrap();
         fresh.set_path(&name);
         fresh.to_string()
+    }
+
+    #[test]
+    fn time_ago_is_an_ordered_cutoff_and_never_overflows() {
+        let hour_ago = time_ago(std::time::Duration::from_secs(3600));
+        let day_ago = time_ago(std::time::Duration::from_secs(24 * 3600));
+        assert!(
+            day_ago < hour_ago && hour_ago < now(),
+            "{day_ago} {hour_ago}"
+        );
+        assert_eq!(
+            time_ago(std::time::Duration::MAX),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
     #[tokio::test]
