@@ -334,24 +334,6 @@ fn the_home_is_a_jail() {
     );
 }
 
-/// Opens each path for upload (WRITE | CREAT | TRUNC) and writes a line; prints one outcome per
-/// path: `ok`, or `refused: <the server's message>`.
-const UPLOAD_EACH: &str = r#"
-import sys, paramiko
-port, key, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-t = paramiko.Transport(("127.0.0.1", port))
-t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
-s = paramiko.SFTPClient.from_transport(t)
-for path in paths:
-    try:
-        with s.open(path, "w") as f:
-            f.write(b"1,2,3\n")
-        print(path, "ok")
-    except IOError as error:
-        print(path, "refused:", error.args[-1] if error.args else error)
-t.close()
-"#;
-
 /// A file goes into a folder made with mkdir (at any depth), into a folder that holds stored
 /// objects without having been made (files put into the bucket by other means), or is refused
 /// with a message saying what is wrong with the folder.
@@ -371,11 +353,9 @@ fn uploads_need_an_existing_folder() {
     let legacy = server.dir.path().join("buckets/landing/acme/legacy");
     std::fs::create_dir_all(&legacy).unwrap();
     std::fs::write(legacy.join("old.csv"), b"old\n").unwrap();
-    let output = python(
-        UPLOAD_EACH,
+    let outcomes = server.paramiko_uploads(
+        &setup.acme,
         &[
-            &server.port.to_string(),
-            &setup.acme.private.display().to_string(),
             "top.csv",
             "in/a.csv",
             "in/deep/b.csv",
@@ -385,9 +365,6 @@ fn uploads_need_an_existing_folder() {
             "top.csv/e.csv",
         ],
     );
-    assert_success(&output, "paramiko uploads");
-    let said = text(&output);
-    let outcomes: Vec<&str> = said.lines().collect();
     assert_eq!(
         outcomes,
         [
@@ -398,8 +375,7 @@ fn uploads_need_an_existing_folder() {
             "missing/c.csv refused: the folder /missing does not exist; create it first (mkdir)",
             "in/missing/d.csv refused: the folder /in/missing does not exist; create it first (mkdir)",
             "top.csv/e.csv refused: /top.csv is a file, not a folder",
-        ],
-        "{said}"
+        ]
     );
     assert_eq!(
         server.landing_listing(),

@@ -75,21 +75,11 @@ fn start_put(server: &Server, key: &Key, local: &Path, remote: &str) -> Child {
     server.sftp_spawn("acme", key, &script, &["-l", "200000"])
 }
 
-/// Waits until the server has stored (and recorded) at least `bytes` of the upload to `path`.
-fn wait_for_stored(server: &Server, path: &str, bytes: u64) {
-    wait_until(120, &format!("{bytes} bytes of /{path} stored"), || {
-        server
-            .partials()
-            .into_iter()
-            .find(|partial| partial.path == path && partial.size >= bytes)
-    });
-}
-
 /// Uploads `local` to acme's `remote` with OpenSSH sftp and kills the client once part of it is
 /// stored. Returns the bytes the server kept, after checking what the owner and the audit see.
 fn interrupted_put(server: &Server, setup: &Setup, local: &Path, remote: &str) -> u64 {
     let mut client = start_put(server, &setup.acme, local, remote);
-    wait_for_stored(server, remote, STORED_BEFORE_KILL);
+    server.wait_for_stored(remote, STORED_BEFORE_KILL);
     client.kill().unwrap();
     client.wait().unwrap();
     let event = wait_until(60, "the interruption audited", || {
@@ -305,7 +295,7 @@ fn resume_scenarios(test: &str, buckets: Buckets) {
     let fourth = dir.join("fourth.bin");
     random_file(&fourth, 100 << 20, 25);
     let mut client = start_put(&server, &setup.acme, &fourth, "fourth.bin");
-    wait_for_stored(&server, "fourth.bin", STORED_BEFORE_KILL);
+    server.wait_for_stored("fourth.bin", STORED_BEFORE_KILL);
     server.kill9();
     client.wait().unwrap();
     let kept = server.partials();
@@ -438,20 +428,13 @@ fn interrupted_uploads_left_behind_are_capped_per_user() {
     // Still being written a moment ago: not left behind yet.
     assert_success(&put_small(), "an upload beside a fresh partial");
     age_partials(&server);
-    let output = python(
-        UPLOAD_ONE,
-        &[
-            &server.port.to_string(),
-            &setup.acme.private.display().to_string(),
-            "other.csv",
-        ],
-    );
-    assert_success(&output, "paramiko");
     assert_eq!(
-        text(&output).trim(),
-        "refused: /other.csv: you have 1 interrupted uploads waiting to be resumed (at most 1 may \
+        server.paramiko_uploads(&setup.acme, &["other.csv"]),
+        [
+            "other.csv refused: /other.csv: you have 1 interrupted uploads waiting to be resumed (at most 1 may \
          wait); resume them (reput), remove the ones you no longer need (rm), or wait until they \
          expire"
+        ]
     );
     // Another user is not affected.
     let theirs = server.sftp(
@@ -467,29 +450,8 @@ fn interrupted_uploads_left_behind_are_capped_per_user() {
         &format!("reput {} big.bin\n", big.display()),
     );
     assert_success(&output, "reput of the partial left behind");
-    let output = python(
-        UPLOAD_ONE,
-        &[
-            &server.port.to_string(),
-            &setup.acme.private.display().to_string(),
-            "other.csv",
-        ],
+    assert_eq!(
+        server.paramiko_uploads(&setup.acme, &["other.csv"]),
+        ["other.csv ok"]
     );
-    assert_eq!(text(&output).trim(), "ok");
 }
-
-/// Uploads one small file to `path` as acme; prints `ok` or `refused: <the server's message>`.
-const UPLOAD_ONE: &str = r#"
-import sys, paramiko
-port, key, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-t = paramiko.Transport(("127.0.0.1", port))
-t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
-s = paramiko.SFTPClient.from_transport(t)
-try:
-    with s.open(path, "w") as f:
-        f.write(b"1,2\n")
-    print("ok")
-except IOError as error:
-    print("refused:", error.args[-1] if error.args else error)
-t.close()
-"#;

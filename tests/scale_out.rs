@@ -89,6 +89,13 @@ struct Shared {
     database: ingestion::config::Database,
 }
 
+/// acme, delivering to the S3 destination bucket.
+fn acme_on_s3<'k>(key: &'k Key, buckets: &Buckets) -> UserSpec<'k> {
+    let mut user = UserSpec::new("acme", key);
+    user.destination = buckets.destination("acme");
+    user
+}
+
 fn shared(test: &str) -> Option<Shared> {
     let (files, key) = keys(test)?;
     let postgres = require_postgres(test)?;
@@ -134,8 +141,7 @@ fn two_nodes_share_postgres_and_s3_and_a_killed_node_loses_nothing() {
     };
     let buckets = Buckets::S3(&moto);
     let receiver = Receiver::start(&[]);
-    let mut user = UserSpec::new("acme", &key);
-    user.destination = buckets.destination("acme");
+    let mut user = acme_on_s3(&key, &buckets);
     user.extra = format!(
         "notify_webhook = {{ url = \"{}\" }}\n",
         receiver.url("/hook")
@@ -343,8 +349,7 @@ fn two_nodes_start_together_resume_each_others_uploads_and_hand_over_at_sigterm(
         return;
     };
     let buckets = Buckets::S3(&moto);
-    let mut user = UserSpec::new("acme", &key);
-    user.destination = buckets.destination("acme");
+    let user = acme_on_s3(&key, &buckets);
     // A lease far longer than the waits below: a job comes back early only if it is handed back.
     let sections = "[scanner]\nengine = \"builtin\"\n[pipeline]\nlease = \"60s\"\nretry_base = \"200ms\"\nretry_cap = \"1s\"\n";
 
@@ -489,8 +494,7 @@ fn a_dead_nodes_abandoned_upload_is_aborted_by_the_survivor() {
         return;
     };
     let buckets = Buckets::S3(&moto);
-    let mut user = UserSpec::new("acme", &key);
-    user.destination = buckets.destination("acme");
+    let user = acme_on_s3(&key, &buckets);
     let mut node_a = Server::launch_with(
         &[user],
         // Longer than the gaps between an upload's stored parts, which keep its record fresh.
@@ -511,13 +515,7 @@ fn a_dead_nodes_abandoned_upload_is_aborted_by_the_survivor() {
         &format!("put {} big.bin\n", big.display()),
         &["-l", "200000"],
     );
-    let stored = wait_until(120, "a part of big.bin stored", || {
-        node_b
-            .partials()
-            .into_iter()
-            .find(|partial| partial.size >= 16 << 20)
-            .map(|partial| partial.size)
-    });
+    let stored = node_b.wait_for_stored("big.bin", 16 << 20).size;
     node_a.kill9();
     let _ = client.wait();
     let landing = node_b.landing_listing();

@@ -522,6 +522,28 @@ impl Server {
         })
     }
 
+    /// Waits (up to 120 s) until the server has stored and recorded at least `bytes` of the upload
+    /// to `path`, and returns its partial.
+    pub fn wait_for_stored(&self, path: &str, bytes: u64) -> ingestion::state::Partial {
+        wait_until(120, &format!("{bytes} bytes of /{path} stored"), || {
+            self.partials()
+                .into_iter()
+                .find(|partial| partial.path == path && partial.size >= bytes)
+        })
+    }
+
+    /// Opens each of `paths` for upload as acme with paramiko (WRITE | CREAT | TRUNC, whose refusals
+    /// carry the server's message, unlike the OpenSSH client's) and writes a line; one outcome per
+    /// path: `<path> ok` or `<path> refused: <the server's message>`.
+    pub fn paramiko_uploads(&self, key: &Key, paths: &[&str]) -> Vec<String> {
+        let (port, key) = (self.port.to_string(), key.private.display().to_string());
+        let mut args = vec![port.as_str(), key.as_str()];
+        args.extend_from_slice(paths);
+        let output = python(PARAMIKO_UPLOADS, &args);
+        assert_success(&output, "paramiko uploads");
+        text(&output).lines().map(str::to_string).collect()
+    }
+
     /// Interrupted uploads recorded in the server's state database.
     pub fn partials(&self) -> Vec<ingestion::state::Partial> {
         self.query(|state| async move { state.partials(None).await.unwrap() })
@@ -1267,3 +1289,20 @@ pub fn python(script: &str, args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// See [`Server::paramiko_uploads`].
+const PARAMIKO_UPLOADS: &str = r#"
+import sys, paramiko
+port, key, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+t = paramiko.Transport(("127.0.0.1", port))
+t.connect(username="acme", pkey=paramiko.Ed25519Key.from_private_key_file(key))
+s = paramiko.SFTPClient.from_transport(t)
+for path in paths:
+    try:
+        with s.open(path, "w") as f:
+            f.write(b"1,2,3\n")
+        print(path, "ok")
+    except IOError as error:
+        print(path, "refused:", error.args[-1] if error.args else error)
+t.close()
+"#;
