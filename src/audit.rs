@@ -161,6 +161,15 @@ pub enum Event {
         connections_cut: usize,
         leases_released: u64,
     },
+    /// A scan found the scanner unreachable: this node scans nothing more until it answers (files
+    /// wait in landing; those already scanned are still routed).
+    ScannerUnavailable {
+        error: String,
+    },
+    /// The scanner answers again; scanning resumes.
+    ScannerAvailable {
+        unavailable_ms: u64,
+    },
     /// A file found in landing without a job was given one at start.
     Adopted {
         job: i64,

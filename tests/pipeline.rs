@@ -169,20 +169,19 @@ fn nothing_is_delivered_while_clamd_is_down_and_everything_after_it_returns() {
         Landing::Local,
         &[],
     );
-    let file = setup.files.path().join("report.csv");
-    random_file(&file, 50_000, 3);
+    let first = setup.files.path().join("report.csv");
+    random_file(&first, 50_000, 3);
     assert_success(
         &server.sftp(
             "acme",
             &setup.key,
-            &format!("put {} report.csv\n", file.display()),
+            &format!("put {} report.csv\n", first.display()),
         ),
         "upload",
     );
-    let jobs = server.wait_for_jobs(30, "failed scan attempts", |jobs| {
-        jobs.first().is_some_and(|job| job.attempts >= 2)
+    let jobs = server.wait_for_jobs(30, "a failed scan attempt", |jobs| {
+        jobs.first().is_some_and(|job| job.attempts >= 1)
     });
-    assert_eq!(jobs[0].state, JobState::Landed, "fail closed: {jobs:#?}");
     assert!(
         jobs[0]
             .last_error
@@ -191,16 +190,62 @@ fn nothing_is_delivered_while_clamd_is_down_and_everything_after_it_returns() {
             .contains("unreachable"),
         "{jobs:#?}"
     );
+    assert_eq!(server.events("scanner_unavailable").len(), 1);
+
+    // While clamd is down, files wait unscanned, and spend no attempts: a second upload is not
+    // tried at all, and the first is not tried again (its retry was due after 400 ms).
+    let second = setup.files.path().join("second.csv");
+    random_file(&second, 20_000, 4);
+    assert_success(
+        &server.sftp(
+            "acme",
+            &setup.key,
+            &format!("put {} second.csv\n", second.display()),
+        ),
+        "upload during the outage",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let jobs = server.wait_for_jobs(5, "both uploads recorded", |jobs| jobs.len() == 2);
+    let mut tries: Vec<(&str, JobState, u32)> = jobs
+        .iter()
+        .map(|job| (job.path.as_str(), job.state, job.attempts))
+        .collect();
+    tries.sort_by_key(|(path, _, _)| *path);
+    assert_eq!(
+        tries,
+        [
+            ("report.csv", JobState::Landed, 1),
+            ("second.csv", JobState::Landed, 0)
+        ],
+        "fail closed, and no attempts spent: {jobs:#?}"
+    );
     assert!(server.files_in("buckets/delivered").is_empty());
     assert!(server.files_in("buckets/quarantine").is_empty());
-    assert_eq!(server.landing_listing(), ["acme/report.csv"]);
+    assert_eq!(
+        server.landing_listing(),
+        ["acme/report.csv", "acme/second.csv"]
+    );
+    assert_eq!(
+        server.events("scanner_unavailable").len(),
+        1,
+        "audited once"
+    );
 
     clamd.start();
     server.wait_for_jobs(30, "delivery after clamd returns", |jobs| {
-        all_final(jobs, 1)
+        all_final(jobs, 2)
     });
-    assert_eq!(server.files_in("buckets/delivered/acme"), ["report.csv"]);
+    assert_eq!(
+        server.files_in("buckets/delivered/acme"),
+        ["report.csv", "second.csv"]
+    );
     assert!(!server.events("job_retrying").is_empty());
+    let back = server.events("scanner_available");
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert!(
+        back[0]["unavailable_ms"].as_u64().unwrap() >= 2000,
+        "{back:?}"
+    );
 }
 
 #[test]
@@ -209,14 +254,22 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
     let Some(setup) = setup(test, true) else {
         return;
     };
-    let mut clamd = ClamdPeer::prepare(free_port());
+    let clamd = ClamdPeer::start_on_free_port();
     let server = Server::launch(
         &[UserSpec::new("acme", &setup.key)],
         "",
-        &clamd_sections(&clamd.address(), "max_attempts = 2\n"),
+        &clamd_sections(
+            &clamd.address(),
+            "max_attempts = 2
+",
+        ),
         Landing::Local,
         &[],
     );
+    // The destination cannot be written: where the user's folder should be there is a file.
+    let blocker = server.dir.path().join("buckets/delivered/acme");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a folder").unwrap();
     let file = setup.files.path().join("a.csv");
     std::fs::write(&file, b"a,b\n").unwrap();
     assert_success(
@@ -231,11 +284,12 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
         jobs.first()
             .is_some_and(|job| job.state == JobState::Failed)
     });
+    assert_eq!(jobs[0].verdict, Some(Verdict::Clean), "{jobs:#?}");
     assert_eq!(server.events("job_failed").len(), 1);
     let failed = text(&server.cli(&["transfers", "list", "--state", "failed"]));
     assert!(failed.contains("/a.csv"), "{failed}");
 
-    clamd.start();
+    std::fs::remove_file(&blocker).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
         server.files_in("buckets/delivered").is_empty(),
@@ -247,6 +301,8 @@ fn a_job_that_keeps_failing_is_marked_failed_and_retried_on_command() {
     );
     server.wait_for_jobs(30, "delivery after retry", |jobs| all_final(jobs, 1));
     assert_eq!(server.files_in("buckets/delivered/acme"), ["a.csv"]);
+    // The retry resumed from the recorded verdict: the file was scanned once.
+    assert_eq!(server.events("scanned").len(), 1);
     // The operator's retry is among the job's events in the state database, not only in the file.
     let id = jobs[0].id;
     let events = server.query(|state| async move { state.job_events(id).await.unwrap() });

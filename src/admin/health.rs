@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::{Admin, Shared};
-use crate::scan::Scanner;
 
 /// How long one dependency gets to answer.
 const CHECK_TIME: Duration = Duration::from_secs(3);
@@ -73,10 +72,11 @@ pub async fn readiness(admin: &Arc<Admin>) -> Readiness {
                 .map_err(|error| error.to_string())
         }),
         timed("scanner", true, async {
-            match &admin.scanner {
-                Scanner::Clamd(clamd) => clamd.ping().await.map_err(|error| error.to_string()),
-                Scanner::Builtin(_) => Ok(()),
-            }
+            admin
+                .scanner
+                .ping()
+                .await
+                .map_err(|error| error.to_string())
         }),
         async {
             match &admin.mailer {

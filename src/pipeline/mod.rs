@@ -10,6 +10,7 @@
 //! verdict, and the route follows the recorded verdict only (so a retry can never send one file to
 //! both places); a file is removed from landing only after its copy is complete and verified.
 
+mod gate;
 mod steps;
 
 use std::collections::HashMap;
@@ -21,9 +22,10 @@ use tokio::sync::Notify;
 
 use crate::audit::{Audit, Event, Subject};
 use crate::config::SharedUsers;
-use crate::scan::Scanner;
-use crate::state::{Job, JobState, State, StateError};
+use crate::scan::{ScanError, Scanner};
+use crate::state::{Claimable, Job, JobState, State, StateError};
 use crate::storage::{Bucket, Location, StorageError};
+use gate::ScannerGate;
 
 /// How the pipeline runs.
 ///
@@ -96,6 +98,10 @@ pub struct Pipeline {
     on_conflict: crate::config::OnConflict,
     /// Test hook (`INGESTION_FAILPOINT`) for a test that kills the process at that point.
     failpoint: Failpoint,
+    /// Closed while the scanner is unreachable: workers then only route.
+    gate: ScannerGate,
+    /// Wakes the probe when the gate closes.
+    gate_closed: Notify,
 }
 
 /// How old a file in landing without a job must be before it is adopted as an orphan.
@@ -149,6 +155,8 @@ impl Pipeline {
                 Ok("pause-mid-copy") => Failpoint::PauseMidCopy,
                 _ => Failpoint::None,
             },
+            gate: ScannerGate::default(),
+            gate_closed: Notify::new(),
         }
     }
 
@@ -225,13 +233,22 @@ impl Pipeline {
         }
         workers.spawn(self.clone().release_idle_held_forever());
         workers.spawn(self.clone().reconcile_forever());
+        workers.spawn(self.clone().probe_scanner_forever());
         while workers.join_next().await.is_some() {}
     }
 
     async fn worker(self: Arc<Self>, index: usize) {
         let owner = format!("{}/worker-{index}", self.node);
         loop {
-            match self.state.claim(&owner, self.settings.lease).await {
+            let claimable = match self.gate.is_open() {
+                true => Claimable::All,
+                false => Claimable::Scanned,
+            };
+            match self
+                .state
+                .claim(&owner, self.settings.lease, claimable)
+                .await
+            {
                 Ok(Some(job)) => {
                     // Another idle worker may take the next job at once.
                     self.landed.notify_one();
@@ -263,6 +280,29 @@ impl Pipeline {
                     self.landed.notify_one();
                 }
                 Err(error) => tracing::warn!(%error, "cannot reconcile landing with the jobs"),
+            }
+        }
+    }
+
+    /// While the gate is closed, asks the scanner whether it answers; opens the gate when it does.
+    async fn probe_scanner_forever(self: Arc<Self>) {
+        let every = ScannerGate::probe_every(self.settings.retry_base);
+        loop {
+            self.gate_closed.notified().await;
+            while !self.gate.is_open() {
+                tokio::time::sleep(every).await;
+                if self.scanner.ping().await.is_ok() {
+                    let unavailable = self.gate.open();
+                    tracing::info!(?unavailable, "the scanner answers again; scanning resumes");
+                    self.audit.record(
+                        &Subject::default(),
+                        Event::ScannerAvailable {
+                            unavailable_ms: u64::try_from(unavailable.as_millis())
+                                .unwrap_or(u64::MAX),
+                        },
+                    );
+                    self.landed.notify_waiters();
+                }
             }
         }
     }
@@ -312,7 +352,21 @@ impl Pipeline {
         renewer.abort();
         let error = match result {
             Ok(()) | Err(StepError::LeaseLost) => return,
-            Err(error) => error.to_string(),
+            Err(error) => {
+                if let StepError::Scan(ScanError::Unreachable(_)) = error
+                    && self.gate.close()
+                {
+                    tracing::warn!(%error, "scanning is paused until the scanner answers");
+                    self.audit.record(
+                        &Subject::default(),
+                        Event::ScannerUnavailable {
+                            error: error.to_string(),
+                        },
+                    );
+                    self.gate_closed.notify_one();
+                }
+                error.to_string()
+            }
         };
         let subject = Subject::of_user(&job.username);
         let backoff = self.settings.backoff(job.attempts);

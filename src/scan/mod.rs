@@ -59,6 +59,14 @@ impl Scanner {
         }
     }
 
+    /// Whether the engine answers: clamd's `PING`; the builtin engine always does.
+    pub async fn ping(&self) -> Result<(), ScanError> {
+        match self {
+            Scanner::Clamd(engine) => engine.ping().await,
+            Scanner::Builtin(_) => Ok(()),
+        }
+    }
+
     pub async fn scan(&self, bytes: &mut Bytestream<'_>) -> Result<Verdict, ScanError> {
         match self {
             Scanner::Clamd(engine) => engine.scan(bytes).await,

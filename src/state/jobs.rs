@@ -28,6 +28,13 @@ macro_rules! open_states {
     };
 }
 
+/// The open states of jobs with a recorded verdict: they need routing, not the scanner.
+macro_rules! scanned_states {
+    () => {
+        "('clean', 'infected', 'unscannable')"
+    };
+}
+
 /// The condition of a stuck job, received before `$1`: still unfinished or failed, after at least
 /// one attempt. What stuck alerts report and the dashboard lists.
 macro_rules! stuck_since {
@@ -297,6 +304,15 @@ const UNFINISHED: [JobState; 5] = [
 pub struct PathBusy;
 
 /// What [`State::hold_path`] took: whether there is anything for [`State::release_path`] to release.
+/// Which jobs [`State::claim`] may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimable {
+    /// Every job that needs work: to be scanned, or routed after its scan.
+    All,
+    /// Only jobs with a recorded verdict, which need routing and not the scanner.
+    Scanned,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub enum Held {
@@ -610,15 +626,21 @@ impl State {
     }
 
     /// Claims the next job that needs work and whose lease is free, for `owner`, until `lease` passes.
-    pub async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StateError> {
+    /// [`Claimable::Scanned`] (while the scanner is unreachable) takes only jobs with a verdict.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        lease: Duration,
+        claimable: Claimable,
+    ) -> Result<Option<Job>, StateError> {
         let now = now_ms();
         // On PostgreSQL, nodes claiming at once skip each other's candidate rows instead of queueing.
         macro_rules! claim {
-            ($lock:literal) => {
+            ($states:expr, $lock:literal) => {
                 concat!(
                     "UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE id = (\
                      SELECT id FROM jobs WHERE state IN ",
-                    open_states!(),
+                    $states,
                     " AND next_attempt_at <= $3 AND (lease_owner IS NULL OR lease_until < $3) \
                      ORDER BY next_attempt_at, id LIMIT 1",
                     $lock,
@@ -627,15 +649,22 @@ impl State {
                 )
             };
         }
-        let row = sqlx::query(
-            self.dialect
-                .pick(claim!(""), claim!(" FOR UPDATE SKIP LOCKED")),
-        )
-        .bind(owner)
-        .bind(later_ms(lease))
-        .bind(now)
-        .fetch_optional(&self.leases)
-        .await?;
+        let query = match claimable {
+            Claimable::All => self.dialect.pick(
+                claim!(open_states!(), ""),
+                claim!(open_states!(), " FOR UPDATE SKIP LOCKED"),
+            ),
+            Claimable::Scanned => self.dialect.pick(
+                claim!(scanned_states!(), ""),
+                claim!(scanned_states!(), " FOR UPDATE SKIP LOCKED"),
+            ),
+        };
+        let row = sqlx::query(query)
+            .bind(owner)
+            .bind(later_ms(lease))
+            .bind(now)
+            .fetch_optional(&self.leases)
+            .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -1172,7 +1201,11 @@ mod tests {
     async fn a_path_being_processed_cannot_be_held() {
         let (_dir, state) = state().await;
         state.record_upload(&job("a.csv"), "s").await.unwrap();
-        let claimed = state.claim("worker", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("worker", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             state
                 .hold_path("acme", "a.csv", "sftp", HOLD)
@@ -1222,14 +1255,14 @@ mod tests {
             Ok(Held::Jobs)
         );
         let mut free = Vec::new();
-        while let Some(claimed) = state.claim("worker", HOLD).await.unwrap() {
+        while let Some(claimed) = state.claim("worker", HOLD, Claimable::All).await.unwrap() {
             free.push(claimed.path);
         }
         free.sort();
         assert_eq!(free, ["a-b/c", "a.csv", "a0", "ab/c", "b/a"]);
         state.release_path("acme", "a", "sftp").await.unwrap();
         let mut released = Vec::new();
-        while let Some(claimed) = state.claim("worker", HOLD).await.unwrap() {
+        while let Some(claimed) = state.claim("worker", HOLD, Claimable::All).await.unwrap() {
             released.push(claimed.path);
         }
         released.sort();
@@ -1244,22 +1277,83 @@ mod tests {
             state.hold_path("acme", "in", "sftp", HOLD).await.unwrap(),
             Ok(Held::Jobs)
         );
-        assert!(state.claim("worker", HOLD).await.unwrap().is_none());
+        assert!(
+            state
+                .claim("worker", HOLD, Claimable::All)
+                .await
+                .unwrap()
+                .is_none()
+        );
         state
             .rename_landed("acme", "in", "out", "sftp", false)
             .await
             .unwrap();
-        let claimed = state.claim("worker", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("worker", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(claimed.path, "out/a.csv");
+    }
+
+    #[tokio::test]
+    async fn without_the_scanner_only_scanned_jobs_are_claimed() {
+        let (_dir, state) = state().await;
+        state.record_upload(&job("scanned.csv"), "s").await.unwrap();
+        let first = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
+        state
+            .record_verdict(first.id, "w", &Verdict::Clean, "b", 1, "")
+            .await
+            .unwrap();
+        state
+            .release_path("acme", "scanned.csv", "w")
+            .await
+            .unwrap();
+        state.record_upload(&job("new.csv"), "s").await.unwrap();
+        let routable = state
+            .claim("w", HOLD, Claimable::Scanned)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (routable.path.as_str(), routable.state),
+            ("scanned.csv", JobState::Clean)
+        );
+        assert!(
+            state
+                .claim("w", HOLD, Claimable::Scanned)
+                .await
+                .unwrap()
+                .is_none(),
+            "a landed job waits for the scanner"
+        );
+        let landed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(landed.path, "new.csv");
     }
 
     #[tokio::test]
     async fn an_expired_lease_is_taken_over_and_the_old_owner_changes_nothing() {
         let (_dir, state) = state().await;
         let id = state.record_upload(&job("a.csv"), "s").await.unwrap();
-        let first = state.claim("dead", Duration::ZERO).await.unwrap().unwrap();
+        let first = state
+            .claim("dead", Duration::ZERO, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let second = state.claim("alive", HOLD).await.unwrap().unwrap();
+        let second = state
+            .claim("alive", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((first.id, second.id), (id, id));
         assert!(
             !state
@@ -1288,13 +1382,21 @@ mod tests {
     async fn failures_back_off_then_fail_and_retry_resumes_from_the_verdict() {
         let (_dir, state) = state().await;
         let id = state.record_upload(&job("a.csv"), "s").await.unwrap();
-        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         state
             .record_verdict(claimed.id, "w", &Verdict::Clean, "b", 1, "")
             .await
             .unwrap();
         state.release_path("acme", "a.csv", "w").await.unwrap();
-        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         let (after_one, attempts) = state
             .record_failure(claimed.id, "w", "disk full", HOLD, 2)
             .await
@@ -1302,18 +1404,32 @@ mod tests {
             .unwrap();
         assert_eq!((after_one, attempts), (JobState::Clean, 1));
         assert!(
-            state.claim("w", HOLD).await.unwrap().is_none(),
+            state
+                .claim("w", HOLD, Claimable::All)
+                .await
+                .unwrap()
+                .is_none(),
             "backing off"
         );
         assert!(state.retry(id).await.unwrap());
-        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         let (after_two, _) = state
             .record_failure(claimed.id, "w", "disk full", Duration::ZERO, 1)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(after_two, JobState::Failed);
-        assert!(state.claim("w", HOLD).await.unwrap().is_none());
+        assert!(
+            state
+                .claim("w", HOLD, Claimable::All)
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(state.retry(id).await.unwrap());
         let job = state.job(id).await.unwrap().unwrap();
         assert_eq!(
@@ -1328,7 +1444,11 @@ mod tests {
         let retrying = state.record_upload(&job("b.csv"), "s").await.unwrap();
         let failed = state.record_upload(&job("c.csv"), "s").await.unwrap();
         for (id, max_attempts) in [(retrying, 5), (failed, 1)] {
-            let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+            let claimed = state
+                .claim("w", HOLD, Claimable::All)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(claimed.id, id, "claimed in order");
             state
                 .record_failure(
@@ -1412,7 +1532,11 @@ mod tests {
         part.held = true;
         let id = state.record_upload(&part, "s").await.unwrap();
         assert!(
-            state.claim("w", HOLD).await.unwrap().is_none(),
+            state
+                .claim("w", HOLD, Claimable::All)
+                .await
+                .unwrap()
+                .is_none(),
             "held jobs are not processed"
         );
         assert_eq!(
@@ -1426,7 +1550,11 @@ mod tests {
             .rename_landed("acme", "data.csv.filepart", "data.csv", "sftp", false)
             .await
             .unwrap();
-        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((claimed.id, claimed.path.as_str()), (id, "data.csv"));
 
         let idle = state.record_upload(&part, "s").await.unwrap();
@@ -1454,7 +1582,11 @@ mod tests {
     async fn receipts_show_each_paths_latest_job_of_one_user() {
         let (_dir, state) = state().await;
         let first = state.record_upload(&job("a.csv"), "s").await.unwrap();
-        let claimed = state.claim("w", HOLD).await.unwrap().unwrap();
+        let claimed = state
+            .claim("w", HOLD, Claimable::All)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(claimed.id, first);
         state
             .record_verdict(first, "w", &Verdict::Clean, "builtin", 1, "abc")

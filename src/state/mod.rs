@@ -14,7 +14,9 @@ mod outbox;
 mod partials;
 
 pub use events::{AuditRecord, StoredEvent};
-pub use jobs::{Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms};
+pub use jobs::{
+    Claimable, Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms,
+};
 pub use outbox::{Alert, NewAlert};
 pub use partials::{NewPartial, Partial, Replaced, UploadTarget};
 
