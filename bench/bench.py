@@ -495,6 +495,8 @@ def main():
     finally:
         for server in servers:
             server.stop()
+            # Several GiB of uploads and download sources: the 6 GiB scenario below needs the room.
+            shutil.rmtree(server.dir, ignore_errors=True)
 
     # Our side only (OpenSSH neither scans nor delivers): CLOSE to delivery with a real clamd, and
     # the memory one very large upload and its delivery take.
