@@ -56,9 +56,12 @@ pub enum Command {
         /// Where to put the setup; reused if it exists.
         #[arg(long, default_value = "ingestion-quickstart")]
         dir: PathBuf,
-        /// Port to listen on (loopback only).
+        /// Port to listen on for SFTP (loopback only).
         #[arg(long, default_value_t = 2222)]
         port: u16,
+        /// Port of the dashboard, metrics and health checks (loopback only).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
     },
     /// Onboard, list, show and remove supplier accounts.
     User {
@@ -252,7 +255,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => serve(&config).await,
         Command::Check { config } => check(&config),
-        Command::Quickstart { dir, port } => quickstart(&dir, port).await,
+        Command::Quickstart {
+            dir,
+            port,
+            admin_port,
+        } => quickstart(&dir, port, admin_port).await,
         Command::Transfers { config, command } => transfers(&config, command).await,
         Command::User { config, command } => user(&config, command).await,
         Command::Policy { config, command } => policy(config.as_deref(), command),
@@ -523,21 +530,51 @@ async fn shutdown_signal() {
     }
 }
 
+/// Refuses a port something else already listens on, before a new quickstart folder is written,
+/// naming the option that picks another (9090 is Prometheus's default port, for one).
+fn quickstart_port_free(port: u16, what: &str, option: &str) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|error| {
+            anyhow!(
+                "port {port} ({what}) cannot be used: {error}; pick another with \
+                 `ingestion quickstart {option} PORT`"
+            )
+        })
+}
+
+/// Debian's clamd socket, when a clamd answers on it (a socket file alone may be stale).
+async fn quickstart_clamd() -> Option<&'static str> {
+    const DEBIAN_CLAMD: &str = "/run/clamav/clamd.ctl";
+    if !Path::new(DEBIAN_CLAMD).exists() {
+        return None;
+    }
+    let address = crate::scan::ClamdAddress::parse(&format!("unix://{DEBIAN_CLAMD}")).ok()?;
+    let clamd = Clamd::new(address, Duration::from_secs(5));
+    match tokio::time::timeout(Duration::from_secs(5), clamd.ping()).await {
+        Ok(Ok(())) => Some(DEBIAN_CLAMD),
+        _ => None,
+    }
+}
+
 /// Writes a local setup (unless it exists) and serves it.
-async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
+async fn quickstart(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()> {
+    let config_path = dir.join("ingestion.toml");
+    if !config_path.exists() {
+        quickstart_port_free(port, "SFTP", "--port")?;
+        quickstart_port_free(admin_port, "the dashboard", "--admin-port")?;
+    }
     std::fs::create_dir_all(dir.join("users"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let config_path = dir.join("ingestion.toml");
-    let debian_clamd = Path::new("/run/clamav/clamd.ctl");
-    let scanner = if debian_clamd.exists() {
-        "[scanner]\nengine = \"clamd\"\nclamd = \"unix:///run/clamav/clamd.ctl\"\n".to_string()
-    } else {
-        "# clamd was not found at /run/clamav/clamd.ctl: the builtin engine only knows the EICAR test\n\
-         # file and is NOT an antivirus. Install clamav-daemon and switch to engine = \"clamd\".\n\
-         [scanner]\nengine = \"builtin\"\n"
-            .to_string()
-    };
     if !config_path.exists() {
+        let scanner = if let Some(socket) = quickstart_clamd().await {
+            format!("[scanner]\nengine = \"clamd\"\nclamd = \"unix://{socket}\"\n")
+        } else {
+            "# No clamd answered at /run/clamav/clamd.ctl: the builtin engine only knows the EICAR test\n\
+             # file and is NOT an antivirus. Install clamav-daemon and switch to engine = \"clamd\".\n\
+             [scanner]\nengine = \"builtin\"\n"
+                .to_string()
+        };
         std::fs::write(
             &config_path,
             format!(
@@ -546,7 +583,7 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
                  max_file_size = \"5 GiB\"\naudit_log = \"state/audit.jsonl\"\n\n\
                  [buckets]\nlanding = \"buckets/landing\"\nquarantine = \"buckets/quarantine\"\n\n\
                  [state]\ndatabase = \"sqlite://state/ingestion.db\"\n\n[users]\ndir = \"users\"\n\n\
-                 [admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = \"state/admin_token\"\n\n{scanner}"
+                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"state/admin_token\"\n\n{scanner}"
             ),
         )?;
     }
@@ -597,8 +634,15 @@ async fn quickstart(dir: &Path, port: u16) -> anyhow::Result<()> {
          Clean files are delivered to {dir}/buckets/delivered/demo, infected ones to {dir}/buckets/quarantine;\n\
          `ingestion transfers list --config {dir}/ingestion.toml` shows each transfer; the audit log is \
          {dir}/state/audit.jsonl.\n\
-         The status dashboard is at http://127.0.0.1:9090/ (sign in with the token in {dir}/state/admin_token);\n\
-         metrics at http://127.0.0.1:9090/metrics, readiness at http://127.0.0.1:9090/readyz.\n",
+         {dashboard}",
+        dashboard = match config.admin.listen {
+            Some(admin) => format!(
+                "The status dashboard is at http://{admin}/ (sign in with the token in {dir}/state/admin_token);\n\
+                 metrics at http://{admin}/metrics, readiness at http://{admin}/readyz.\n",
+                dir = dir.display()
+            ),
+            None => "The dashboard is off in this configuration ([admin] listen).\n".to_string(),
+        },
         dir = dir.display(),
         port = listen.port(),
         key = key_path.display(),

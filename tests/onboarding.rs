@@ -469,3 +469,102 @@ fn policy_statements_match_the_onboarding_guide() {
         "arn:aws:iam::111122223333:role/ingest"
     );
 }
+
+/// README's first command, as a newcomer runs it: `ingestion quickstart` in a fresh folder, then the
+/// `sftp` command it prints (its key and its known_hosts), the delivery and the dashboard's
+/// readiness. A dashboard port already taken is refused before anything is written.
+#[test]
+fn quickstart_runs_a_working_setup_and_refuses_a_taken_port() {
+    let test = "quickstart_runs_a_working_setup_and_refuses_a_taken_port";
+    if !require("sftp", test) || !require("curl", test) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let folder = work.path().join("quickstart");
+    let folder_arg = folder.display().to_string();
+    let (port, admin_port) = (free_port().to_string(), free_port().to_string());
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    let refused = ingestion(&[
+        "quickstart",
+        "--dir",
+        &folder_arg,
+        "--port",
+        &port,
+        "--admin-port",
+        &taken_port,
+    ]);
+    assert_failure(&refused, "quickstart on a taken dashboard port");
+    let said = text(&refused);
+    assert!(
+        said.contains(&format!("port {taken_port} (the dashboard)"))
+            && said.contains("--admin-port"),
+        "{said}"
+    );
+    assert!(!folder.exists(), "nothing written");
+    drop(taken);
+
+    let printed = work.path().join("printed.txt");
+    let mut quickstart = Command::new(env!("CARGO_BIN_EXE_ingestion"))
+        .args(["quickstart", "--dir", &folder_arg, "--port", &port])
+        .args(["--admin-port", &admin_port])
+        .stdout(std::fs::File::create(&printed).unwrap())
+        .stderr(std::fs::File::create(work.path().join("log.txt")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(work.path().join("log.txt")).unwrap_or_default();
+    wait_until(60, "the quickstart to listen", || {
+        assert!(
+            quickstart.try_wait().unwrap().is_none(),
+            "quickstart exited: {}",
+            log()
+        );
+        std::net::TcpStream::connect(format!("127.0.0.1:{port}")).ok()
+    });
+    let shown = std::fs::read_to_string(&printed).unwrap();
+    let key = folder.join("demo_key");
+    let known_hosts = folder.join("known_hosts");
+    let command = format!(
+        "sftp -P {port} -i {} -o UserKnownHostsFile={} demo@127.0.0.1",
+        key.display(),
+        known_hosts.display()
+    );
+    assert!(shown.contains(&command), "{shown}");
+    assert!(
+        shown.contains(&format!("http://127.0.0.1:{admin_port}/readyz")),
+        "{shown}"
+    );
+
+    let report = work.path().join("report.csv");
+    random_file(&report, 100_000, 7);
+    let mut sftp = Command::new("sftp")
+        .args(["-P", &port, "-i"])
+        .arg(&key)
+        .arg(format!("-oUserKnownHostsFile={}", known_hosts.display()))
+        .args(["-o", "BatchMode=yes", "-b", "-", "demo@127.0.0.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = sftp.stdin.take().unwrap();
+        writeln!(stdin, "put {} report.csv", report.display()).unwrap();
+    }
+    assert_success(
+        &sftp.wait_with_output().unwrap(),
+        "sftp put to the quickstart",
+    );
+    let delivered = folder.join("buckets/delivered/demo/report.csv");
+    wait_until(30, "the delivery", || {
+        std::fs::read(&delivered)
+            .ok()
+            .filter(|bytes| *bytes == std::fs::read(&report).unwrap())
+    });
+    let ready = http_get(&format!("http://127.0.0.1:{admin_port}/readyz"), None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    quickstart.kill().unwrap();
+    quickstart.wait().unwrap();
+}
