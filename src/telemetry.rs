@@ -29,6 +29,7 @@ const OLDEST_UNFINISHED: &str = "ingestion_oldest_unfinished_job_seconds";
 const NOTIFICATIONS: &str = "ingestion_notifications_total";
 const BANS: &str = "ingestion_bans_in_force";
 const AUDIT_COPY_DROPPED: &str = "ingestion_audit_lines_not_copied_total";
+const SCANNING_PAUSED: &str = "ingestion_scanning_paused";
 
 /// Latency buckets, in seconds: from 5 ms to 10 minutes.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -81,6 +82,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         AUDIT_COPY_DROPPED,
         "Audit lines written to the audit file that could not be queued for the state database copy"
     );
+    describe_gauge!(
+        SCANNING_PAUSED,
+        "1 while this node pauses scanning because the scanner does not answer, else 0"
+    );
     for outcome in ["completed", "aborted", "interrupted"] {
         counter!(UPLOADS, "outcome" => outcome).absolute(0);
     }
@@ -90,6 +95,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     counter!(BYTES_RECEIVED).absolute(0);
     counter!(BYTES_SENT).absolute(0);
     gauge!(SESSIONS).set(0.0);
+    gauge!(SCANNING_PAUSED).set(0.0);
     Ok(handle)
 }
 
@@ -125,6 +131,8 @@ pub fn audited(event: &Event) {
         Event::UploadInterrupted { .. } => {
             counter!(UPLOADS, "outcome" => "interrupted").increment(1);
         }
+        Event::ScannerUnavailable { .. } => gauge!(SCANNING_PAUSED).set(1.0),
+        Event::ScannerAvailable { .. } => gauge!(SCANNING_PAUSED).set(0.0),
         Event::Scanned {
             verdict,
             engine,
