@@ -106,6 +106,8 @@ pub struct Pipeline {
 
 /// How old a file in landing without a job must be before it is adopted as an orphan.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(60);
+/// How long the scanner gate's probe waits for an answer to one PING.
+const PROBE_PATIENCE: Duration = Duration::from_secs(10);
 /// How often landing is checked for orphans while running.
 const RECONCILE_EVERY: Duration = Duration::from_secs(300);
 
@@ -291,7 +293,9 @@ impl Pipeline {
             self.gate_closed.notified().await;
             while !self.gate.is_open() {
                 tokio::time::sleep(every).await;
-                if self.scanner.ping().await.is_ok() {
+                // A scanner that takes a connection and never answers must not stall the probe.
+                let answered = tokio::time::timeout(PROBE_PATIENCE, self.scanner.ping()).await;
+                if matches!(answered, Ok(Ok(()))) {
                     let unavailable = self.gate.open();
                     tracing::info!(?unavailable, "the scanner answers again; scanning resumes");
                     self.audit.record(
