@@ -7,8 +7,9 @@
 //!
 //! So an outage costs the one job that found it one attempt, instead of a claim, a failed
 //! connection and a recorded failure for every file that arrives meanwhile, each one burning its
-//! attempts towards `failed`. Files wait in landing, unscanned (fail closed), and are reported
-//! stuck by the alerts like any job that is not moving.
+//! attempts towards `failed`. Files wait in landing, unscanned (fail closed). The team learns of
+//! the outage from `/readyz`, the `ingestion_scanning_paused` gauge and the stuck alert of the job
+//! that found it (jobs never tried are not reported stuck one by one).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
