@@ -303,7 +303,6 @@ const UNFINISHED: [JobState; 5] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathBusy;
 
-/// What [`State::hold_path`] took: whether there is anything for [`State::release_path`] to release.
 /// Which jobs [`State::claim`] may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claimable {
@@ -313,6 +312,7 @@ pub enum Claimable {
     Scanned,
 }
 
+/// What [`State::hold_path`] took: whether there is anything for [`State::release_path`] to release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub enum Held {
