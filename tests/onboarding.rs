@@ -520,7 +520,7 @@ fn quickstart_runs_a_working_setup_and_refuses_a_taken_port() {
             "quickstart exited: {}",
             log()
         );
-        std::net::TcpStream::connect(format!("127.0.0.1:{port}")).ok()
+        listening(port.parse().unwrap()).then_some(())
     });
     let shown = std::fs::read_to_string(&printed).unwrap();
     let key = folder.join("demo_key");

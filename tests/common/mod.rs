@@ -97,6 +97,14 @@ fn test_database(dir: &Path) -> ingestion::config::Database {
     }
 }
 
+/// Whether something listens on the loopback `port`. A connection to a port nothing listens on can
+/// connect to itself (TCP simultaneous open, when the kernel picks that port as the source): such a
+/// socket, whose two ends are the same address, is not a listener.
+pub fn listening(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port))
+        .is_ok_and(|stream| stream.local_addr().ok() != stream.peer_addr().ok())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -464,7 +472,7 @@ impl Server {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the server exited with {status}:\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if listening(self.port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -1145,7 +1153,7 @@ impl Drop for Receiver {
 
 fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening(port) {
         assert!(Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
