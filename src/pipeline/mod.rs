@@ -166,8 +166,7 @@ impl Pipeline {
     /// recording it). Files younger than [`ORPHAN_GRACE`] are left for a later pass: another node may
     /// be recording them right now. Returns how many were adopted.
     pub async fn reconcile(&self) -> Result<usize, StepError> {
-        let young = crate::state::now_ms()
-            .saturating_sub(i64::try_from(ORPHAN_GRACE.as_millis()).unwrap_or(i64::MAX));
+        let young = crate::state::ms_ago(ORPHAN_GRACE);
         let prefix = self.landing.key::<&str>(&[]);
         let prefix_len = prefix.parts().count();
         let mut objects = self

@@ -849,9 +849,7 @@ impl UserView {
         let (parent, name) = Self::folder_row(&home);
         let (grandparent, parent_name) = Self::folder_row(&home.parent());
         let relative = home.relative();
-        let left_behind_ms = crate::state::now_ms().saturating_sub(
-            i64::try_from(super::partial::LEFT_BEHIND_AFTER.as_millis()).unwrap_or(i64::MAX),
-        );
+        let left_behind_ms = crate::state::ms_ago(super::partial::LEFT_BEHIND_AFTER);
         // The state database and the landing bucket are asked at once. What the bucket holds at
         // this path matters only when the database knows nothing of it.
         let (known, existing) = tokio::join!(

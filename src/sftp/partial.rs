@@ -476,8 +476,7 @@ pub async fn expire_partials(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let cutoff = crate::state::now_ms()
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let cutoff = crate::state::ms_ago(retention);
         let idle = match state.idle_partials(cutoff).await {
             Ok(idle) => idle,
             Err(error) => {

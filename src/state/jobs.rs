@@ -336,6 +336,11 @@ pub(super) fn later_ms(after: Duration) -> i64 {
     now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The time `ago` before now, in Unix milliseconds (for cutoffs compared in queries).
+pub fn ms_ago(ago: Duration) -> i64 {
+    now_ms().saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn job_from_row(row: &AnyRow) -> Result<Job, StateError> {
     let state: String = row.try_get("state")?;
     let verdict: Option<String> = row.try_get("verdict")?;

@@ -15,7 +15,7 @@ mod partials;
 
 pub use events::{AuditRecord, StoredEvent};
 pub use jobs::{
-    Claimable, Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, now_ms,
+    Claimable, Held, Job, JobFilter, JobState, JobTotal, NewJob, PathBusy, Verdict, ms_ago, now_ms,
 };
 pub use outbox::{Alert, NewAlert};
 pub use partials::{NewPartial, Partial, Replaced, UploadTarget};
