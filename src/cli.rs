@@ -543,18 +543,16 @@ fn quickstart_port_free(port: u16, what: &str, option: &str) -> anyhow::Result<(
         })
 }
 
-/// Debian's clamd socket, when a clamd answers on it (a socket file alone may be stale).
-async fn quickstart_clamd() -> Option<&'static str> {
-    const DEBIAN_CLAMD: &str = "/run/clamav/clamd.ctl";
-    if !Path::new(DEBIAN_CLAMD).exists() {
-        return None;
+/// Whether a clamd answers on Debian's socket (a socket file alone may be stale).
+async fn quickstart_clamd_answers() -> bool {
+    if !Path::new(crate::scan::clamd::DEBIAN_SOCKET).exists() {
+        return false;
     }
-    let address = crate::scan::ClamdAddress::parse(&format!("unix://{DEBIAN_CLAMD}")).ok()?;
-    let clamd = Clamd::new(address, Duration::from_secs(5));
-    match tokio::time::timeout(Duration::from_secs(5), clamd.ping()).await {
-        Ok(Ok(())) => Some(DEBIAN_CLAMD),
-        _ => None,
-    }
+    let clamd = Clamd::new(crate::scan::ClamdAddress::debian(), Duration::from_secs(5));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), clamd.ping()).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Writes a local setup (unless it exists) and serves it.
@@ -567,8 +565,11 @@ async fn quickstart(dir: &Path, port: u16, admin_port: u16) -> anyhow::Result<()
     std::fs::create_dir_all(dir.join("users"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     if !config_path.exists() {
-        let scanner = if let Some(socket) = quickstart_clamd().await {
-            format!("[scanner]\nengine = \"clamd\"\nclamd = \"unix://{socket}\"\n")
+        let scanner = if quickstart_clamd_answers().await {
+            format!(
+                "[scanner]\nengine = \"clamd\"\nclamd = \"unix://{}\"\n",
+                crate::scan::clamd::DEBIAN_SOCKET
+            )
         } else {
             "# No clamd answered at /run/clamav/clamd.ctl: the builtin engine only knows the EICAR test\n\
              # file and is NOT an antivirus. Install clamav-daemon and switch to engine = \"clamd\".\n\

@@ -896,10 +896,10 @@ fn parse_scanner(raw: &RawScanner, report: &mut FileReporter) -> Scanner {
     match engine {
         "clamd" => {
             let address = match &raw.clamd {
-                None => ClamdAddress::Unix(PathBuf::from("/run/clamav/clamd.ctl")),
+                None => ClamdAddress::debian(),
                 Some(text) => ClamdAddress::parse(text.get_ref()).unwrap_or_else(|message| {
                     report.at(Some(text.span()), "scanner.clamd", message);
-                    ClamdAddress::Unix(PathBuf::from("/run/clamav/clamd.ctl"))
+                    ClamdAddress::debian()
                 }),
             };
             if let Some(first) = raw.blocklist_sha256.first() {

@@ -29,7 +29,15 @@ pub enum ClamdAddress {
     Unix(PathBuf),
 }
 
+/// The socket of Debian's clamav-daemon package.
+pub const DEBIAN_SOCKET: &str = "/run/clamav/clamd.ctl";
+
 impl ClamdAddress {
+    /// Debian's clamav-daemon socket ([`DEBIAN_SOCKET`]), the default.
+    pub fn debian() -> ClamdAddress {
+        ClamdAddress::Unix(PathBuf::from(DEBIAN_SOCKET))
+    }
+
     /// Parses `tcp://host:port` or `unix:///path/to/socket`.
     pub fn parse(text: &str) -> Result<ClamdAddress, String> {
         if let Some(address) = text.strip_prefix("tcp://") {
